@@ -1,0 +1,736 @@
+"""Wyrd: the Chimera hybrid recurrent/attention language model in NumPy and Numba.
+
+Read top to bottom: configuration and presets, the Numba kernels (RoPE, the
+RG-LRU linear scan, sliding-window GQA attention) each with its backward and a
+differentiable wrapper, the layers, the model, incremental decoding, and the
+safetensors checkpoint format. The equations and names are those of
+`spec/chimera.md` (shared with the PyTorch Chimera, so weights move both ways).
+
+The kernels live here, beside the model, rather than in autograd.py: they are
+the model's maths (the recurrence, the windowed attention), while autograd.py
+stays a small general engine that knows nothing about language models.
+"""
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+from numba import njit, prange
+
+from autograd import Tensor, cross_entropy, embedding, linear, no_grad, rmsnorm, swiglu
+
+# ---------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass(frozen=True)
+class ChimeraConfig:
+    vocab_size: int = 32000
+    d_model: int = 1024
+    n_layers: int = 16
+    n_heads: int = 16
+    n_kv_heads: int = 4
+    sliding_window: int = 512      # W: keys a query may see, itself included
+    max_seq_len: int = 8192        # training context (decoding may run past it)
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    attention_every_n: int = 3     # layer i is attention iff (i + 1) % n == 0; 0 = never
+    tie_word_embeddings: bool = True
+    c: float = 8.0                 # RG-LRU gate sharpness
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_hidden(self):
+        return math.ceil(int(self.d_model * 8 / 3) / 256) * 256
+
+    def is_attention(self, i):
+        n = self.attention_every_n
+        return n > 0 and (i + 1) % n == 0
+
+    def __post_init__(self):
+        problems = []
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "sliding_window", "max_seq_len"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                problems.append(f"{f} must be a positive integer, got {v!r}")
+        if not problems:
+            if self.d_model % self.n_heads:
+                problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
+            elif self.head_dim % 2:
+                problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+            if self.n_heads % self.n_kv_heads:
+                problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if not isinstance(self.attention_every_n, int) or self.attention_every_n < 0:
+            problems.append(f"attention_every_n must be an integer >= 0, got {self.attention_every_n!r}")
+        if problems:
+            raise ValueError("invalid ChimeraConfig: " + "; ".join(problems))
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; expected some of {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS = {
+    # ours, for CPUs: nano for tests and quick runs, tiny for the default training run
+    "nano": ChimeraConfig(vocab_size=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
+                          sliding_window=16, max_seq_len=128),
+    "tiny": ChimeraConfig(vocab_size=4096, d_model=256, n_layers=6, n_heads=4, n_kv_heads=2,
+                          sliding_window=128, max_seq_len=512),
+    # the reference presets of the spec
+    "small": ChimeraConfig(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4),
+    "medium": ChimeraConfig(d_model=1024, n_layers=16, n_heads=16, n_kv_heads=4),  # Wyrd
+    "base": ChimeraConfig(d_model=2048, n_layers=24, n_heads=16, n_kv_heads=4),
+    "large": ChimeraConfig(d_model=2560, n_layers=32, n_heads=20, n_kv_heads=4),
+}
+
+
+def get_config(name):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------------------
+# Numba kernels. Each has a plain NumPy twin in tests/test_kernels.py.
+# fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the loops,
+# but infinities must keep their meaning.
+FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def rope_kernel(x, cos, sin, out):
+    """Rotate-half RoPE: for j < D/2, the pair (x_j, x_{j+D/2}) turns by angle_j.
+
+    x, out [B, T, Hx, D]; cos, sin [T, D/2] (the two halves share an angle).
+    A rotation's inverse is its transpose, the rotation by -angle, so the
+    backward is this same kernel called with -sin.
+    """
+    B, T, Hx, D = x.shape
+    half = D // 2
+    for bt in prange(B * T):
+        b, t = bt // T, bt % T
+        for h in range(Hx):
+            for j in range(half):
+                x1, x2 = x[b, t, h, j], x[b, t, h, j + half]
+                out[b, t, h, j] = x1 * cos[t, j] - x2 * sin[t, j]
+                out[b, t, h, j + half] = x2 * cos[t, j] + x1 * sin[t, j]
+
+
+SCAN_BLOCK = 64  # channels per task: contiguous, so the inner loop vectorises
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def scan_forward_kernel(a, u, h0, h):
+    """h_t = a_t * h_{t-1} + u_t, h_{-1} = h0. a, u, h [B, T, d]; h0 [B, d].
+
+    Channels are independent, so tasks are (batch, block of channels), each
+    walking time in order.
+    """
+    B, T, d = a.shape
+    nblk = (d + SCAN_BLOCK - 1) // SCAN_BLOCK
+    for job in prange(B * nblk):
+        b = job // nblk
+        lo = (job % nblk) * SCAN_BLOCK
+        hi = min(lo + SCAN_BLOCK, d)
+        for c in range(lo, hi):
+            h[b, 0, c] = a[b, 0, c] * h0[b, c] + u[b, 0, c]
+        for t in range(1, T):
+            for c in range(lo, hi):
+                h[b, t, c] = a[b, t, c] * h[b, t - 1, c] + u[b, t, c]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def scan_backward_kernel(a, h, h0, gh, du, da, dh0):
+    """Reverse scan. With g_t = dL/dh_t = gh_t + g_{t+1} a_{t+1} (h_t feeds h_{t+1}):
+    dL/du_t = g_t, dL/da_t = g_t h_{t-1}, dL/dh0 = g_0 a_0. du holds g as it goes.
+    """
+    B, T, d = a.shape
+    nblk = (d + SCAN_BLOCK - 1) // SCAN_BLOCK
+    for job in prange(B * nblk):
+        b = job // nblk
+        lo = (job % nblk) * SCAN_BLOCK
+        hi = min(lo + SCAN_BLOCK, d)
+        for c in range(lo, hi):
+            du[b, T - 1, c] = gh[b, T - 1, c]
+        for t in range(T - 2, -1, -1):
+            for c in range(lo, hi):
+                du[b, t, c] = gh[b, t, c] + a[b, t + 1, c] * du[b, t + 1, c]
+        for t in range(T - 1, 0, -1):
+            for c in range(lo, hi):
+                da[b, t, c] = du[b, t, c] * h[b, t - 1, c]
+        for c in range(lo, hi):
+            da[b, 0, c] = du[b, 0, c] * h0[b, c]
+            dh0[b, c] = du[b, 0, c] * a[b, 0, c]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def attention_forward_kernel(q, k, v, window, scale, out, lse):
+    """Sliding-window causal GQA attention, O(Tq * W) work and O(W) scratch.
+
+    q [B, Tq, H, D]; k, v [B, Tk, KV, D] with Tk >= Tq: the queries are the last
+    Tq positions of the keys (Tk > Tq when decoding with a cache of past keys).
+    Query t (key index i = t + Tk - Tq) sees keys i - W < s <= i. Query head h
+    reads kv head h // (H / KV). Writes out [B, Tq, H, D] and the row
+    log-sum-exp lse [B, H, Tq], which is all the backward needs to rebuild the
+    probabilities (no [T, T] or [T, W] matrix is kept).
+    """
+    B, Tq, H, D = q.shape
+    Tk, KV = k.shape[1], k.shape[2]
+    group = H // KV
+    offset = Tk - Tq
+    for job in prange(B * KV):
+        b, kh = job // KV, job % KV
+        p = np.empty(window, dtype=q.dtype)
+        for h in range(kh * group, (kh + 1) * group):
+            for t in range(Tq):
+                i = t + offset
+                s0 = max(0, i - window + 1)
+                n = i - s0 + 1
+                for j in range(n):
+                    acc = q[b, t, h, 0] * k[b, s0 + j, kh, 0]
+                    for e in range(1, D):
+                        acc += q[b, t, h, e] * k[b, s0 + j, kh, e]
+                    p[j] = acc * scale
+                m = p[0]
+                for j in range(1, n):
+                    m = max(m, p[j])
+                total = 0.0
+                for j in range(n):
+                    p[j] = math.exp(p[j] - m)
+                    total += p[j]
+                for e in range(D):
+                    out[b, t, h, e] = 0.0
+                for j in range(n):
+                    w = p[j] / total
+                    for e in range(D):
+                        out[b, t, h, e] += w * v[b, s0 + j, kh, e]
+                lse[b, h, t] = m + math.log(total)
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def attention_backward_kernel(q, k, v, out, lse, gout, window, scale, dq, dk, dv):
+    """Backward of the kernel above, rebuilding p_ts = exp(score_ts - lse_t).
+
+    With o_t = sum_s p_ts v_s and p = softmax(score):
+      dv_s += p_ts go_t;  dp_ts = go_t . v_s;  dscore_ts = p_ts (dp_ts - go_t . o_t)
+      dq_t += scale dscore_ts k_s;  dk_s += scale dscore_ts q_t
+    A task owns one kv head of one batch row, and with it every query head that
+    reads it, so no two tasks write the same dk/dv entries. dk, dv must start at 0.
+    """
+    B, Tq, H, D = q.shape
+    Tk, KV = k.shape[1], k.shape[2]
+    group = H // KV
+    offset = Tk - Tq
+    for job in prange(B * KV):
+        b, kh = job // KV, job % KV
+        for h in range(kh * group, (kh + 1) * group):
+            for t in range(Tq):
+                i = t + offset
+                s0 = max(0, i - window + 1)
+                delta = gout[b, t, h, 0] * out[b, t, h, 0]
+                for e in range(1, D):
+                    delta += gout[b, t, h, e] * out[b, t, h, e]
+                for e in range(D):
+                    dq[b, t, h, e] = 0.0
+                for s in range(s0, i + 1):
+                    score = q[b, t, h, 0] * k[b, s, kh, 0]
+                    dp = gout[b, t, h, 0] * v[b, s, kh, 0]
+                    for e in range(1, D):
+                        score += q[b, t, h, e] * k[b, s, kh, e]
+                        dp += gout[b, t, h, e] * v[b, s, kh, e]
+                    p = math.exp(score * scale - lse[b, h, t])
+                    ds = p * (dp - delta) * scale
+                    for e in range(D):
+                        dv[b, s, kh, e] += p * gout[b, t, h, e]
+                        dq[b, t, h, e] += ds * k[b, s, kh, e]
+                        dk[b, s, kh, e] += ds * q[b, t, h, e]
+
+
+# ---------------------------------------------------------------------------
+# The kernels as differentiable ops on Tensor
+
+
+def rope_angles(positions, head_dim, theta, dtype):
+    """cos, sin [T, D/2] for absolute positions; angles in float64 because
+    positions grow without bound during generation."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # theta^(-2j/D)
+    angle = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angle).astype(dtype), np.sin(angle).astype(dtype)
+
+
+def rope(x, cos, sin):
+    """RoPE(x) = x cos + rotate_half(x) sin, x [B, T, Hx, D]."""
+    xd = np.ascontiguousarray(x.data)
+    y = np.empty_like(xd)
+    rope_kernel(xd, cos, sin, y)
+
+    def backward(g):  # the inverse rotation
+        gx = np.empty_like(g)
+        rope_kernel(np.ascontiguousarray(g), cos, -sin, gx)
+        x._acc(gx)
+    return Tensor.make(y, (x,), backward)
+
+
+def rglru_scan(a, u, h0):
+    """h_t = a_t h_{t-1} + u_t over time. a, u [B, T, d]; h0 broadcastable to [B, d]."""
+    B, T, d = a.shape
+    ad, ud = np.ascontiguousarray(a.data), np.ascontiguousarray(u.data)
+    h0d = np.ascontiguousarray(np.broadcast_to(h0.data.reshape(-1, d), (B, d)))
+    h = np.empty_like(ad)
+    scan_forward_kernel(ad, ud, h0d, h)
+
+    def backward(g):
+        du, da, dh0 = np.empty_like(ad), np.empty_like(ad), np.empty_like(h0d)
+        scan_backward_kernel(ad, h, h0d, np.ascontiguousarray(g), du, da, dh0)
+        a._acc(da)
+        u._acc(du)
+        h0._acc(dh0.sum(axis=0).reshape(h0.shape) if h0.data.size == d else dh0.reshape(h0.shape))
+    return Tensor.make(h, (a, u, h0), backward)
+
+
+def window_attention(q, k, v, window):
+    """softmax(q k^T / sqrt(D)) v over the sliding causal window, with GQA."""
+    qd, kd, vd = (np.ascontiguousarray(t.data) for t in (q, k, v))
+    B, Tq, H, D = qd.shape
+    scale = qd.dtype.type(1.0 / math.sqrt(D))
+    out = np.empty_like(qd)
+    lse = np.empty((B, H, Tq), dtype=qd.dtype)
+    attention_forward_kernel(qd, kd, vd, window, scale, out, lse)
+
+    def backward(g):
+        dq, dk, dv = np.empty_like(qd), np.zeros_like(kd), np.zeros_like(vd)
+        attention_backward_kernel(qd, kd, vd, out, lse, np.ascontiguousarray(g), window, scale, dq, dk, dv)
+        q._acc(dq)
+        k._acc(dk)
+        v._acc(dv)
+    return Tensor.make(out, (q, k, v), backward)
+
+
+# ---------------------------------------------------------------------------
+# Layers
+
+
+class Module:
+    """Holds Tensors and sub-modules; names them as the spec does (`layers.3.ffn.w1.weight`)."""
+
+    def named_parameters(self, prefix=""):
+        out = []
+        for name, v in vars(self).items():
+            if isinstance(v, Tensor):
+                out.append((prefix + name, v))
+            elif isinstance(v, Module):
+                out += v.named_parameters(f"{prefix}{name}.")
+            elif isinstance(v, list):
+                for i, m in enumerate(v):
+                    out += m.named_parameters(f"{prefix}{name}.{i}.")
+        return out
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+
+def _normal(rng, shape, dtype):
+    return Tensor(rng.standard_normal(shape, dtype=np.float32).astype(dtype) * dtype(0.02), requires_grad=True)
+
+
+class Linear(Module):
+    def __init__(self, d_in, d_out, rng, dtype, bias=False):
+        self.weight = _normal(rng, (d_out, d_in), dtype)  # [out, in], as PyTorch stores it
+        if bias:
+            self.bias = Tensor(np.zeros(d_out, dtype), requires_grad=True)
+
+    def __call__(self, x):
+        return linear(x, self.weight, getattr(self, "bias", None))
+
+
+class RMSNorm(Module):
+    def __init__(self, d, eps, dtype):
+        self.weight = Tensor(np.ones(d, dtype), requires_grad=True)
+        self.eps = eps
+
+    def __call__(self, x):
+        return rmsnorm(x, self.weight, self.eps)
+
+
+class FFN(Module):
+    """SwiGLU: w2(silu(w1 x) * (w3 x))."""
+
+    def __init__(self, cfg, rng, dtype):
+        self.w1 = Linear(cfg.d_model, cfg.ffn_hidden, rng, dtype)
+        self.w3 = Linear(cfg.d_model, cfg.ffn_hidden, rng, dtype)
+        self.w2 = Linear(cfg.ffn_hidden, cfg.d_model, rng, dtype)
+
+    def __call__(self, x):
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
+class RGLRU(Module):
+    """The Real-Gated Linear Recurrent Unit (Griffin), width d."""
+
+    def __init__(self, cfg, rng, dtype):
+        d = cfg.d_model
+        self.c = cfg.c
+        self.input_proj = Linear(d, d, rng, dtype)
+        self.input_gate_proj = Linear(d, d, rng, dtype, bias=True)
+        self.recurrence_gate_proj = Linear(d, d, rng, dtype, bias=True)
+        # sigmoid(U(4, 9)) in [0.982, 0.9999]: slow decay, long memory at init
+        self.lambda_param = Tensor(rng.uniform(4.0, 9.0, d).astype(dtype), requires_grad=True)
+        self.h0 = Tensor(np.zeros((1, 1, d), dtype), requires_grad=True)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.output_proj = Linear(d, d, rng, dtype)
+
+    def __call__(self, x, pos0=0, cache=None):
+        xp = self.input_proj(x)                                    # [B, T, d]
+        i_t = self.input_gate_proj(x).sigmoid()
+        r_t = self.recurrence_gate_proj(x).sigmoid()
+        log_a = (self.lambda_param.sigmoid() + 1e-8).log()         # [d], <= 0
+        # a_t = a^(c r_t), computed in log space: r_t -> 0 keeps the state (a_t -> 1)
+        a_t = (self.c * r_t * log_a).exp()
+        # sqrt(1 - a_t^2) keeps h at unit scale: a decaying state lets in just
+        # enough input to replace what it forgets (1e-6 keeps the sqrt's slope finite)
+        u_t = (1.0 - a_t * a_t + 1e-6).sqrt() * (i_t * xp)
+        h0 = self.h0 if cache is None else Tensor(cache["h"])
+        h = rglru_scan(a_t, u_t, h0)                               # [B, T, d]
+        if cache is not None:
+            cache["h"] = h.data[:, -1].copy()
+        return self.output_proj(self.norm(h))
+
+
+class LocalAttention(Module):
+    """Sliding-window grouped-query attention with RoPE; no biases."""
+
+    def __init__(self, cfg, rng, dtype):
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window, self.theta = cfg.sliding_window, cfg.rope_theta
+        d, H, KV, D = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = Linear(d, H * D, rng, dtype)
+        self.k_proj = Linear(d, KV * D, rng, dtype)
+        self.v_proj = Linear(d, KV * D, rng, dtype)
+        self.o_proj = Linear(H * D, d, rng, dtype)
+
+    def __call__(self, x, pos0=0, cache=None):
+        B, T, _ = x.shape
+        H, KV, D, W = self.n_heads, self.n_kv_heads, self.head_dim, self.window
+        cos, sin = rope_angles(np.arange(pos0, pos0 + T), D, self.theta, x.dtype)
+        q = rope(self.q_proj(x).reshape(B, T, H, D), cos, sin)      # [B, T, H, D]
+        k = rope(self.k_proj(x).reshape(B, T, KV, D), cos, sin)     # [B, T, KV, D]
+        v = self.v_proj(x).reshape(B, T, KV, D)
+        if cache is not None:
+            k, v = self._use_ring(cache, pos0, k.data, v.data)
+        o = window_attention(q, k, v, W)                             # [B, T, H, D]
+        return self.o_proj(o.reshape(B, T, H * D))
+
+    def _use_ring(self, cache, pos0, k, v):
+        """Decoding: prepend the cached past keys/values a new query can still see,
+        then store the newest ones. The ring buffer [B, KV, W, D] keeps position p
+        in slot p % W, so its memory is the same at position 10 and at 100,000."""
+        W, T = self.window, k.shape[1]
+        past = min(pos0, W - 1)  # a query sees itself and W - 1 earlier keys
+        slots = (pos0 - past + np.arange(past)) % W
+        k_all = np.concatenate([cache["k"][:, :, slots].transpose(0, 2, 1, 3), k], axis=1)
+        v_all = np.concatenate([cache["v"][:, :, slots].transpose(0, 2, 1, 3), v], axis=1)
+        keep = min(T, W)
+        new_slots = (pos0 + T - keep + np.arange(keep)) % W
+        cache["k"][:, :, new_slots] = k[:, T - keep:].transpose(0, 2, 1, 3)
+        cache["v"][:, :, new_slots] = v[:, T - keep:].transpose(0, 2, 1, 3)
+        return Tensor(k_all), Tensor(v_all)
+
+
+class Block(Module):
+    """Pre-norm residual block: x + mix(norm1(x)), then x + ffn(norm2(x))."""
+
+    def __init__(self, cfg, i, rng, dtype):
+        self.norm1 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dtype)
+        self.temporal_mix = (LocalAttention if cfg.is_attention(i) else RGLRU)(cfg, rng, dtype)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps, dtype)
+        self.ffn = FFN(cfg, rng, dtype)
+
+    def __call__(self, x, pos0=0, cache=None):
+        x = x + self.temporal_mix(self.norm1(x), pos0, cache)
+        return x + self.ffn(self.norm2(x))
+
+
+class Embedding(Module):
+    def __init__(self, n, d, rng, dtype):
+        self.weight = _normal(rng, (n, d), dtype)
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+class DecodeState:
+    """O(1) decoding state: per recurrent layer h [B, d]; per attention layer a
+    ring buffer of the last W rotated keys and values [B, KV, W, D]; and `pos`,
+    the number of tokens consumed (the absolute position of the next one)."""
+
+    def __init__(self, cfg, batch_size, dtype):
+        self.pos = 0
+        self.layers = []
+        for i in range(cfg.n_layers):
+            if cfg.is_attention(i):
+                shape = (batch_size, cfg.n_kv_heads, cfg.sliding_window, cfg.head_dim)
+                self.layers.append({"k": np.zeros(shape, dtype), "v": np.zeros(shape, dtype)})
+            else:
+                self.layers.append({"h": None})
+
+    def copy(self):
+        new = object.__new__(DecodeState)
+        new.pos = self.pos
+        new.layers = [{k: (None if a is None else a.copy()) for k, a in layer.items()} for layer in self.layers]
+        return new
+
+    def nbytes(self):
+        return sum(a.nbytes for layer in self.layers for a in layer.values() if a is not None)
+
+
+class Chimera(Module):
+    def __init__(self, config, seed=0, dtype=np.float32):
+        if isinstance(config, str):
+            config = get_config(config)
+        self.config, self.dtype = config, np.dtype(dtype)
+        rng = np.random.default_rng(seed)
+        dt = self.dtype.type
+        self.embed_tokens = Embedding(config.vocab_size, config.d_model, rng, dt)
+        self.layers = [Block(config, i, rng, dt) for i in range(config.n_layers)]
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps, dt)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.d_model, config.vocab_size, rng, dt)
+
+    def _head_weight(self):
+        return self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def _check_ids(self, ids):
+        ids = np.asarray(ids)
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"token ids must be an integer array [batch, time], got {ids.dtype} {ids.shape}")
+        if ids.size == 0:
+            raise ValueError(f"token ids are empty: shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got [{ids.min()}, {ids.max()}]")
+        return ids
+
+    def hidden(self, ids, state=None):
+        """The residual stream after the last block, [B, T, d] (before the final norm)."""
+        ids = self._check_ids(ids)
+        pos0 = 0 if state is None else state.pos
+        x = embedding(self.embed_tokens.weight, ids)                 # [B, T, d]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, pos0, None if state is None else state.layers[i])
+        if state is not None:
+            state.pos += ids.shape[1]
+        return x
+
+    def __call__(self, ids):
+        """Logits [B, T, V] for every position."""
+        return linear(self.norm(self.hidden(ids)), self._head_weight())
+
+    def loss(self, ids, targets, mask=None):
+        """Mean cross-entropy of targets [B, T] over positions where mask == 1."""
+        logits = self(ids)
+        targets = np.asarray(targets)
+        if targets.shape != logits.shape[:2]:
+            raise ValueError(f"targets shape {targets.shape} does not match ids shape {logits.shape[:2]}")
+        if mask is not None and np.shape(mask) != targets.shape:
+            raise ValueError(f"mask shape {np.shape(mask)} does not match targets shape {targets.shape}")
+        return cross_entropy(logits.reshape(-1, self.config.vocab_size), targets, mask)
+
+    # -- decoding -------------------------------------------------------------
+    def init_state(self, batch_size=1):
+        state = DecodeState(self.config, batch_size, self.dtype)
+        for layer, s in zip(self.layers, state.layers):
+            if "h" in s:  # a fresh sequence starts from the learned h0
+                s["h"] = np.repeat(layer.temporal_mix.h0.data.reshape(1, -1), batch_size, axis=0)
+        return state
+
+    def step(self, ids, state):
+        """Consume ids [B, n] (a prompt chunk or one token) and return the next-token
+        logits [B, V] as a NumPy array, advancing `state` in place."""
+        with no_grad():
+            x = self.hidden(ids, state)[:, -1:]                       # only the last position is needed
+            return linear(self.norm(x), self._head_weight()).data[:, 0]
+
+    # -- parameters -----------------------------------------------------------
+    def num_params(self):
+        return sum(p.size for p in self.parameters())
+
+    def state_dict(self):
+        return {name: p.data for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state):
+        params = dict(self.named_parameters())
+        missing = sorted(set(params) - set(state))
+        unexpected = sorted(set(state) - set(params))
+        wrong = [f"{n}: expected {params[n].shape}, got {tuple(np.shape(state[n]))}"
+                 for n in sorted(set(params) & set(state)) if tuple(np.shape(state[n])) != params[n].shape]
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+            if wrong:
+                parts.append(f"wrong shape: {'; '.join(wrong[:8])}")
+            raise ValueError("load_state_dict: " + " | ".join(parts))
+        for n, p in params.items():
+            p.data[...] = np.asarray(state[n], dtype=self.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints: safetensors, written and read with NumPy and json only.
+# Layout: 8-byte little-endian header length N, N bytes of JSON header
+# {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}},
+# then the raw little-endian buffers. No code inside, so loading runs nothing.
+
+class CheckpointError(ValueError):
+    pass
+
+
+DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+          "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1")}
+DTYPE_NAMES = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16",
+               np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8"}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write name -> array as a safetensors file, atomically (temp file, then rename)."""
+    header, offset = {}, 0
+    arrays = {}
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        if arr.dtype not in DTYPE_NAMES:
+            raise CheckpointError(f"{path}: cannot store {name} of dtype {arr.dtype}")
+        header[name] = {"dtype": DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        arrays[name] = arr
+        offset += arr.nbytes
+    if metadata:
+        bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+        if bad:
+            raise CheckpointError(f"{path}: metadata must map strings to strings; bad keys {bad}")
+        header["__metadata__"] = dict(metadata)
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)  # pad so the buffers start 8-byte aligned
+    tmp = f"{path}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for arr in arrays.values():
+                f.write(memoryview(arr.reshape(-1)).cast("B"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_safetensors(path):
+    """Read a safetensors file -> (name -> array, metadata), validating before trusting."""
+    def bad(msg):
+        return CheckpointError(f"{path}: {msg}")
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open checkpoint ({e.strerror})") from None
+    with f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad(f"not a safetensors file: only {size} bytes, the 8-byte header length is missing")
+        if head[:2] == b"PK" or head[:1] == b"\x80":
+            raise bad("this is a PyTorch pickle/zip checkpoint (.pt/.bin), not safetensors; "
+                      "Wyrd never unpickles. Convert it with safetensors.torch.save_file")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, MAX_HEADER):
+            raise bad(f"not a safetensors file or truncated: header length {n} exceeds the file's {size - 8} bytes")
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise bad(f"corrupted header: not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise bad("corrupted header: expected a JSON object")
+        metadata = header.pop("__metadata__", {}) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise bad("corrupted header: __metadata__ must map strings to strings")
+        data_len = size - 8 - n
+        spans, tensors = [], {}
+        for name, info in header.items():
+            try:
+                dtype = DTYPES[info["dtype"]]
+                shape = tuple(int(s) for s in info["shape"])
+                begin, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise bad(f"corrupted header entry {name!r}: expected dtype in {sorted(DTYPES)}, "
+                          f"shape and data_offsets, got {info!r}") from None
+            if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len:
+                raise bad(f"tensor {name!r}: offsets [{begin}, {end}] fall outside the {data_len}-byte data "
+                          f"section (file truncated?)")
+            if end - begin != int(np.prod(shape)) * dtype.itemsize:
+                raise bad(f"tensor {name!r}: {end - begin} bytes do not hold shape {list(shape)} of {info['dtype']}")
+            spans.append((begin, end, name))
+            f.seek(8 + n + begin)
+            arr = np.frombuffer(f.read(end - begin), dtype=dtype).reshape(shape)
+            if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            tensors[name] = arr.copy() if not arr.flags.writeable else arr
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise bad(f"tensors {n0!r} and {n1!r} overlap in the data section")
+    return tensors, metadata
+
+
+def save(path, model, tokenizer=None, **meta):
+    """One self-describing file: the weights under the spec's names (a tied lm_head
+    is not stored), the config and the tokenizer as JSON strings in __metadata__."""
+    metadata = {"format": "wyrd", "config": json.dumps(model.config.to_dict())}
+    if tokenizer is not None:
+        metadata["tokenizer"] = tokenizer.to_json()
+    if meta:
+        metadata["meta"] = json.dumps(meta)
+    write_safetensors(path, model.state_dict(), metadata)
+
+
+def load(path, dtype=np.float32):
+    """-> (model, tokenizer or None, meta dict)."""
+    tensors, metadata = read_safetensors(path)
+    if "config" not in metadata:
+        raise CheckpointError(f"{path}: no model config in __metadata__['config']; was it written by wyrd.save?")
+    try:
+        config = ChimeraConfig.from_dict(json.loads(metadata["config"]))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model config in __metadata__: {e}") from None
+    if config.tie_word_embeddings and "lm_head.weight" in tensors:
+        if not np.array_equal(tensors["lm_head.weight"], tensors.get("embed_tokens.weight")):
+            raise CheckpointError(f"{path}: config ties lm_head to embed_tokens but lm_head.weight differs")
+        del tensors["lm_head.weight"]  # a tied copy written by another tool
+    model = Chimera(config, dtype=dtype)
+    try:
+        model.load_state_dict(tensors)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: weights do not match the config: {e}") from None
+    tokenizer = None
+    if "tokenizer" in metadata:
+        from tokenizer import Tokenizer
+        tokenizer = Tokenizer.from_json(metadata["tokenizer"])
+    try:
+        meta = json.loads(metadata.get("meta", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: bad __metadata__['meta']: {e}") from None
+    return model, tokenizer, meta
