@@ -1,0 +1,173 @@
+"""Each Numba kernel against a plain NumPy version of the same maths (to 1e-10
+in float64), and each kernel's differentiable op against finite differences."""
+import numpy as np
+import pytest
+
+from autograd import Tensor, gradcheck
+from wyrd import rglru_scan, rope, rope_angles, window_attention
+
+rng = np.random.default_rng(1234)
+
+
+# -- plain NumPy references -------------------------------------------------------
+def rope_ref(x, positions, theta):
+    D = x.shape[-1]
+    inv_freq = theta ** (-np.arange(0, D, 2) / D)
+    angle = np.concatenate([np.outer(positions, inv_freq)] * 2, axis=1)   # [T, D]
+    cos, sin = np.cos(angle)[None, :, None], np.sin(angle)[None, :, None]
+    rotate_half = np.concatenate([-x[..., D // 2:], x[..., :D // 2]], axis=-1)
+    return x * cos + rotate_half * sin
+
+
+def scan_ref(a, u, h0):
+    h = np.empty_like(a)
+    prev = h0
+    for t in range(a.shape[1]):
+        prev = a[:, t] * prev + u[:, t]
+        h[:, t] = prev
+    return h
+
+
+def scan_backward_ref(a, h, h0, gh):
+    du, da = np.empty_like(a), np.empty_like(a)
+    g_next = np.zeros_like(h0)
+    for t in reversed(range(a.shape[1])):
+        g = gh[:, t] + (a[:, t + 1] * g_next if t + 1 < a.shape[1] else 0)
+        du[:, t] = g
+        da[:, t] = g * (h[:, t - 1] if t > 0 else h0)
+        g_next = g
+    return du, da, du[:, 0] * a[:, 0]
+
+
+def attention_ref(q, k, v, W):
+    """Dense masked attention with a [Tq, Tk] score matrix (what the kernel avoids)."""
+    B, Tq, H, D = q.shape
+    Tk, KV = k.shape[1], k.shape[2]
+    kr = np.repeat(k, H // KV, axis=2)                      # query head h reads kv head h // (H/KV)
+    vr = np.repeat(v, H // KV, axis=2)
+    s = np.einsum("bthd,bshd->bhts", q, kr) / np.sqrt(D)
+    i = np.arange(Tq)[:, None] + (Tk - Tq)
+    j = np.arange(Tk)[None, :]
+    allowed = (j <= i) & (j > i - W)
+    s = np.where(allowed, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhts,bshd->bthd", p, vr), p, kr, vr
+
+
+def attention_backward_ref(q, k, v, W, g):
+    B, Tq, H, D = q.shape
+    KV = k.shape[2]
+    out, p, kr, vr = attention_ref(q, k, v, W)
+    dvr = np.einsum("bhts,bthd->bshd", p, g)
+    dp = np.einsum("bthd,bshd->bhts", g, vr)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(D)
+    dq = np.einsum("bhts,bshd->bthd", ds, kr)
+    dkr = np.einsum("bhts,bthd->bshd", ds, q)
+    fold = lambda x: x.reshape(B, x.shape[1], KV, H // KV, D).sum(3)  # sum the heads sharing a kv head
+    return dq, fold(dkr), fold(dvr)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape)
+
+
+# -- RoPE ---------------------------------------------------------------------------
+@pytest.mark.parametrize("positions", [np.arange(7), np.arange(100_000, 100_005)])
+def test_rope_matches_numpy(positions):
+    x = randn(2, len(positions), 3, 8)
+    cos, sin = rope_angles(positions, 8, 10000.0, np.float64)
+    np.testing.assert_allclose(rope(Tensor(x), cos, sin).data, rope_ref(x, positions, 10000.0), rtol=0, atol=1e-10)
+
+
+def test_rope_backward_is_inverse_rotation():
+    x = randn(2, 5, 3, 8)
+    cos, sin = rope_angles(np.arange(5), 8, 10000.0, np.float64)
+    gradcheck(lambda t: rope(t, cos, sin), [Tensor(x)])
+    # rotating then applying the backward (the inverse rotation) returns the input
+    t = Tensor(x, requires_grad=True)
+    y = rope(t, cos, sin)
+    y.backward(y.data)
+    np.testing.assert_allclose(t.grad, x, atol=1e-12)
+
+
+# -- RG-LRU scan ----------------------------------------------------------------------
+@pytest.mark.parametrize("B,T,d", [(1, 1, 3), (2, 9, 5), (3, 17, 130)])
+def test_scan_matches_numpy(B, T, d):
+    a, u, h0 = rng.uniform(0, 1, (B, T, d)), randn(B, T, d), randn(B, d)
+    h = rglru_scan(Tensor(a, requires_grad=True), Tensor(u, requires_grad=True), Tensor(h0, requires_grad=True))
+    np.testing.assert_allclose(h.data, scan_ref(a, u, h0), rtol=0, atol=1e-10)
+    gh = randn(B, T, d)
+    ta, tu, th0 = (Tensor(x, requires_grad=True) for x in (a, u, h0))
+    rglru_scan(ta, tu, th0).backward(gh)
+    du, da, dh0 = scan_backward_ref(a, scan_ref(a, u, h0), h0, gh)
+    for got, want in ((tu.grad, du), (ta.grad, da), (th0.grad, dh0)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("h0_shape", [(2, 4), (1, 1, 4)])
+def test_scan_gradcheck(h0_shape):
+    """Nonzero h0, both as a per-row state [B, d] and as the learned [1, 1, d]."""
+    a, u, h0 = rng.uniform(0.1, 1, (2, 6, 4)), randn(2, 6, 4), randn(*h0_shape)
+    gradcheck(rglru_scan, [Tensor(a), Tensor(u), Tensor(h0)])
+
+
+# -- sliding-window attention ----------------------------------------------------------
+CASES = [  # B, T, H, KV, D, W: T < W, T = W, T > 3W, KV < H, KV = H, batch > 1
+    (1, 5, 2, 2, 4, 8),
+    (2, 8, 4, 2, 6, 8),
+    (2, 27, 4, 1, 4, 6),
+    (1, 13, 3, 3, 2, 1),
+]
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,W", CASES)
+def test_attention_matches_numpy(B, T, H, KV, D, W):
+    q, k, v = randn(B, T, H, D), randn(B, T, KV, D), randn(B, T, KV, D)
+    tq, tk, tv = (Tensor(x, requires_grad=True) for x in (q, k, v))
+    out = window_attention(tq, tk, tv, W)
+    np.testing.assert_allclose(out.data, attention_ref(q, k, v, W)[0], rtol=0, atol=1e-10)
+    g = randn(B, T, H, D)
+    out.backward(g)
+    for got, want in zip((tq.grad, tk.grad, tv.grad), attention_backward_ref(q, k, v, W, g)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+def test_attention_queries_after_cached_keys():
+    """Decoding feeds Tq new queries against Tk >= Tq keys (cache first)."""
+    B, Tq, Tk, H, KV, D, W = 2, 3, 10, 4, 2, 4, 5
+    q, k, v = randn(B, Tq, H, D), randn(B, Tk, KV, D), randn(B, Tk, KV, D)
+    tq, tk, tv = (Tensor(x, requires_grad=True) for x in (q, k, v))
+    out = window_attention(tq, tk, tv, W)
+    np.testing.assert_allclose(out.data, attention_ref(q, k, v, W)[0], rtol=0, atol=1e-10)
+    g = randn(B, Tq, H, D)
+    out.backward(g)
+    for got, want in zip((tq.grad, tk.grad, tv.grad), attention_backward_ref(q, k, v, W, g)):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,W", CASES)
+def test_attention_gradcheck(B, T, H, KV, D, W):
+    q, k, v = randn(B, T, H, D), randn(B, T, KV, D), randn(B, T, KV, D)
+    gradcheck(lambda a, b, c: window_attention(a, b, c, W), [Tensor(q), Tensor(k), Tensor(v)], samples=40)
+
+
+def test_attention_window_limits_what_a_query_sees():
+    """Changing a key outside every window must not change any output."""
+    B, T, H, KV, D, W = 1, 12, 2, 1, 4, 4
+    q, k, v = randn(B, T, H, D), randn(B, T, KV, D), randn(B, T, KV, D)
+    base = window_attention(Tensor(q), Tensor(k), Tensor(v), W).data
+    k2, v2 = k.copy(), v.copy()
+    k2[:, 0] += 5.0
+    v2[:, 0] += 5.0  # key 0 is visible to queries 0..W-1 only
+    moved = window_attention(Tensor(q), Tensor(k2), Tensor(v2), W).data
+    np.testing.assert_array_equal(moved[:, W:], base[:, W:])
+    assert np.abs(moved[:, :W] - base[:, :W]).max() > 1e-3
+
+
+def test_attention_float32_close_to_float64():
+    q, k, v = randn(2, 40, 4, 16), randn(2, 40, 2, 16), randn(2, 40, 2, 16)
+    f64 = window_attention(Tensor(q), Tensor(k), Tensor(v), 16).data
+    f32 = window_attention(*(Tensor(x.astype(np.float32)) for x in (q, k, v)), 16).data
+    assert f32.dtype == np.float32
+    np.testing.assert_allclose(f32, f64, atol=1e-5)

@@ -1,0 +1,130 @@
+"""The whole model: layer pattern, decoding == full forward, whole-model gradients."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+from autograd import Tensor, gradcheck
+from wyrd import PRESETS, Chimera, LocalAttention, RGLRU, get_config
+
+NANO = PRESETS["nano"]
+
+
+def randomised(model, seed=0):
+    """Move every parameter off its init (h0 = 0, norms = 1, biases = 0 would
+    hide gradients that are wrong only when those are nonzero)."""
+    rng = np.random.default_rng(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(("norm.weight", "norm1.weight", "norm2.weight")):
+            p.data[...] = rng.uniform(0.5, 1.5, p.shape)
+        elif name.endswith(("bias", "h0")):
+            p.data[...] = rng.normal(0, 0.5, p.shape)
+        elif not name.endswith("lambda_param"):
+            p.data[...] = rng.normal(0, 0.15, p.shape)
+    return model
+
+
+def test_layer_pattern_follows_attention_every_n():
+    m = Chimera(dataclasses.replace(NANO, n_layers=7, attention_every_n=3))
+    kinds = [type(b.temporal_mix) for b in m.layers]
+    assert kinds == [RGLRU, RGLRU, LocalAttention, RGLRU, RGLRU, LocalAttention, RGLRU]
+    never = Chimera(dataclasses.replace(NANO, attention_every_n=0))
+    assert all(isinstance(b.temporal_mix, RGLRU) for b in never.layers)
+    always = Chimera(dataclasses.replace(NANO, attention_every_n=1))
+    assert all(isinstance(b.temporal_mix, LocalAttention) for b in always.layers)
+
+
+def test_medium_attention_layers_are_the_specs():
+    cfg = get_config("medium")
+    assert [i for i in range(cfg.n_layers) if cfg.is_attention(i)] == [2, 5, 8, 11, 14]
+
+
+def test_init_follows_the_spec():
+    m = Chimera(NANO, seed=3)
+    p = dict(m.named_parameters())
+    w = p["layers.0.ffn.w1.weight"].data
+    assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002
+    lam = p["layers.0.temporal_mix.lambda_param"].data
+    assert lam.min() >= 4.0 and lam.max() <= 9.0
+    assert not p["layers.0.temporal_mix.h0"].data.any()
+    assert not p["layers.0.temporal_mix.input_gate_proj.bias"].data.any()
+    assert (p["norm.weight"].data == 1).all()
+    assert p["embed_tokens.weight"].dtype == np.float32
+    # the same seed gives the same model; another seed does not
+    assert np.array_equal(Chimera(NANO, seed=3).state_dict()["embed_tokens.weight"], m.state_dict()["embed_tokens.weight"])
+    assert not np.array_equal(Chimera(NANO, seed=4).state_dict()["embed_tokens.weight"], m.state_dict()["embed_tokens.weight"])
+
+
+def test_decoding_equals_full_forward_past_the_window():
+    """Mixed chunk sizes over T = 5W, float64: every position's logits to 1e-9."""
+    m = randomised(Chimera(NANO, dtype=np.float64))
+    W = NANO.sliding_window
+    ids = np.random.default_rng(0).integers(0, NANO.vocab_size, (2, 5 * W))
+    full = m(ids).data                                        # [B, T, V]
+    state = m.init_state(2)
+    pos = 0
+    chunks = [1, 3, W, 1, 1, 2 * W - 5, 7, W - 1, 9]
+    assert sum(chunks) == 5 * W
+    for n in chunks:
+        got = m.step(ids[:, pos:pos + n], state)
+        pos += n
+        want = full[:, pos - 1]
+        assert np.abs(got - want).max() <= 1e-9 * np.abs(want).max(), f"position {pos - 1}"
+    assert state.pos == 5 * W
+    # one token at a time, checked at every position
+    state = m.init_state(2)
+    for t in range(2 * W):
+        got = m.step(ids[:, t:t + 1], state)
+        np.testing.assert_allclose(got, full[:, t], rtol=0, atol=1e-9 * np.abs(full[:, t]).max())
+
+
+def test_decoding_state_is_constant_size_and_copyable():
+    m = Chimera(NANO)
+    ids = np.random.default_rng(1).integers(0, NANO.vocab_size, (1, 200))
+    state = m.init_state(1)
+    m.step(ids[:, :10], state)
+    size_early = state.nbytes()
+    snapshot = state.copy()
+    m.step(ids[:, 10:], state)
+    assert state.nbytes() == size_early            # 10 tokens or 200: the same bytes
+    a = m.step(ids[:, :1], snapshot)               # the copy is independent of the original
+    b = m.step(ids[:, :1], state)
+    assert snapshot.pos == 11 and state.pos == 201
+    assert not np.allclose(a, b)
+
+
+def test_whole_model_gradcheck():
+    """Loss against float64 central differences for a sample of entries of every parameter."""
+    cfg = dataclasses.replace(NANO, vocab_size=40, sliding_window=4)
+    m = randomised(Chimera(cfg, dtype=np.float64))
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 40, (2, 11))                  # T = 11 > W = 4
+    targets = rng.integers(0, 40, (2, 11))
+    mask = (rng.uniform(size=(2, 11)) > 0.3).astype(np.float64)
+    names, params = zip(*m.named_parameters())
+    gradcheck(lambda *p: m.loss(ids, targets, mask), list(params), samples=3, rtol=1e-5, atol=1e-9)
+    assert all(p.grad is not None for p in params)
+
+
+def test_loss_is_cross_entropy_of_the_logits():
+    m = Chimera(NANO, dtype=np.float64)
+    rng = np.random.default_rng(5)
+    ids, targets = rng.integers(0, 512, (2, 6)), rng.integers(0, 512, (2, 6))
+    z = m(ids).data
+    logp = z - np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)) - z.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    mask = np.array([[1, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1]])
+    assert m.loss(ids, targets).item() == pytest.approx(nll.mean(), rel=1e-12)
+    assert m.loss(ids, targets, mask).item() == pytest.approx((nll * mask).sum() / mask.sum(), rel=1e-12)
+
+
+def test_bad_inputs_are_clear_errors():
+    m = Chimera(NANO)
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):
+        m(np.array([[1, 600]]))
+    with pytest.raises(ValueError, match="integer array"):
+        m(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="targets shape"):
+        m.loss(np.zeros((1, 4), int), np.zeros((1, 3), int))
+    with pytest.raises(ValueError, match="known presets: nano, tiny, small, medium"):
+        Chimera("huge")
