@@ -17,10 +17,23 @@ that is faster or numerically safer than composing primitives. The Numba kernels
 uses them, and become differentiable ops through the same `Tensor.make`.
 """
 import contextlib
+import os
 
-import numpy as np
+# Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores.
+# By default both spin for a while after each parallel region, stealing the core
+# the other needs next: a training step measured 2-4x slower. Ask both to sleep
+# instead. This must run before NumPy first loads OpenBLAS, so wyrd.py, train.py
+# and chat.py import this module before numpy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 _grad_enabled = True
+# fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the loops,
+# but infinities must keep their meaning.
+FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @contextlib.contextmanager
@@ -60,6 +73,7 @@ class Tensor:
             data = data.astype(np.float32)
         self.data = data
         self.grad = None
+        self._grad_owned = False
         self.requires_grad = requires_grad
         self._parents = ()
         self._backward = None
@@ -75,13 +89,20 @@ class Tensor:
         return out
 
     def _acc(self, g):
-        """Accumulate a gradient into self.grad (the `+=` of every backward)."""
+        """Accumulate a gradient into self.grad (the `+=` of every backward).
+
+        The first gradient is stored as given, without a copy: it may be a view of
+        another node's gradient (add hands the same array to both operands), so it
+        is only borrowed, and a second contribution allocates instead of writing into it.
+        """
         if not self.requires_grad:
             return
         if self.grad is None:
-            self.grad = g.astype(self.data.dtype, copy=False)
-        else:
+            self.grad, self._grad_owned = g.astype(self.data.dtype, copy=False), False
+        elif self._grad_owned:
             self.grad += g
+        else:
+            self.grad, self._grad_owned = self.grad + g, True
 
     def backward(self, grad=None):
         """Backpropagate from this tensor (a scalar unless `grad` is given).
@@ -103,11 +124,19 @@ class Tensor:
                 seen.add(id(node))
                 stack.append((node, True))
                 stack.extend((p, False) for p in node._parents if p.requires_grad)
-        self.grad = np.asarray(grad, dtype=self.data.dtype).copy()
-        for node in reversed(topo):
+        self.grad, self._grad_owned = np.asarray(grad, dtype=self.data.dtype).copy(), True
+        leaf_grads = set()
+        for node in reversed(topo):  # a node comes after every node that consumes it
             if node._backward is not None:
                 node._backward(node.grad)
                 node.grad, node._parents, node._backward = None, (), None
+            elif node.grad is not None and not node._grad_owned:
+                # a leaf keeps its gradient: make sure it is not a view or shared with
+                # another leaf, so an optimiser may scale it in place
+                if not node.grad.flags.owndata or id(node.grad) in leaf_grads:
+                    node.grad = node.grad.copy()
+                leaf_grads.add(id(node.grad))
+                node._grad_owned = True
 
     # -- conveniences ----------------------------------------------------------
     shape = property(lambda self: self.data.shape)
@@ -134,7 +163,7 @@ class Tensor:
 
         def backward(g):  # d(a+b) = da + db
             a._acc(unbroadcast(g, a.shape))
-            b._acc(unbroadcast(g, b.shape).copy())  # a copy: a and b must not share a buffer
+            b._acc(unbroadcast(g, b.shape))
         return Tensor.make(a.data + b.data, (a, b), backward)
 
     def __sub__(self, other):
@@ -283,9 +312,12 @@ class Tensor:
 
 
 def sigmoid(x):
-    """Numerically safe logistic on a NumPy array: never exponentiates a large positive."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0, e) / (1.0 + e)
+    """Logistic of a NumPy array as 0.5 tanh(x/2) + 0.5: one SIMD ufunc pass, and
+    unlike 1/(1+exp(-x)) it cannot overflow for large |x|."""
+    y = np.tanh(x * 0.5)
+    y *= 0.5
+    y += 0.5
+    return y
 
 
 # -- joining and splitting ------------------------------------------------------
@@ -347,24 +379,81 @@ def rmsnorm(x, weight, eps):
     With r = 1/sqrt(mean(x^2) + eps) and n = x r:  dL/dx = r (gw - n mean(gw * n)),
     where gw = g * w. (From dn_i/dx_j = r (delta_ij - n_i n_j / D).)
     """
-    r = 1.0 / np.sqrt(np.mean(x.data * x.data, axis=-1, keepdims=True) + eps)
-    n = x.data * r
+    D = x.shape[-1]
+    x2 = np.ascontiguousarray(x.data).reshape(-1, D)
+    y, r = np.empty_like(x2), np.empty(x2.shape[0], x2.dtype)
+    rmsnorm_forward_kernel(x2, weight.data, x2.dtype.type(eps), y, r)
 
     def backward(g):
-        gw = g * weight.data
-        x._acc(r * (gw - n * np.mean(gw * n, axis=-1, keepdims=True)))
-        weight._acc(unbroadcast(g * n, weight.shape))
-    return Tensor.make(n * weight.data, (x, weight), backward)
+        gx, gw = np.empty_like(x2), np.zeros((N_PARTIAL, D), x2.dtype)
+        rmsnorm_backward_kernel(x2, weight.data, r, np.ascontiguousarray(g).reshape(-1, D), gx, gw)
+        x._acc(gx.reshape(x.shape))
+        weight._acc(gw.sum(axis=0))
+    return Tensor.make(y.reshape(x.shape), (x, weight), backward)
+
+
+N_PARTIAL = 16  # row chunks of the rmsnorm weight-gradient sum: one partial row each, no races
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def rmsnorm_forward_kernel(x, w, eps, y, r):
+    """Rows of x [N, D]: r = 1/sqrt(mean(x^2) + eps), y = x r w."""
+    N, D = x.shape
+    for i in prange(N):
+        ss = x[i, 0] * x[i, 0]
+        for j in range(1, D):
+            ss += x[i, j] * x[i, j]
+        r[i] = 1.0 / np.sqrt(ss / D + eps)
+        for j in range(D):
+            y[i, j] = x[i, j] * r[i] * w[j]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def rmsnorm_backward_kernel(x, w, r, g, gx, gw):
+    """gx = r (g w - n mean(g w n)) with n = x r; gw[chunk] += g n (summed by the caller)."""
+    N, D = x.shape
+    P = gw.shape[0]
+    for part in prange(P):
+        for i in range(part * N // P, (part + 1) * N // P):
+            dot = g[i, 0] * w[0] * x[i, 0]
+            for j in range(1, D):
+                dot += g[i, j] * w[j] * x[i, j]
+            c = dot * r[i] * r[i] / D  # mean(gw * n) / r
+            for j in range(D):
+                gx[i, j] = r[i] * (g[i, j] * w[j] - x[i, j] * c)
+                gw[part, j] += g[i, j] * x[i, j] * r[i]
 
 
 def swiglu(a, b):
-    """silu(a) * b, the SwiGLU gate, in one op (one pass, no silu(a) node kept)."""
-    s = sigmoid(a.data)
+    """silu(a) * b, the SwiGLU gate, in one op (no silu(a) node kept).
 
-    def backward(g):  # d = b (s + a s (1 - s)) da + a s db
-        a._acc(g * b.data * s * (1.0 + a.data * (1.0 - s)))
-        b._acc(g * a.data * s)
-    return Tensor.make(a.data * s * b.data, (a, b), backward)
+    With s = sigmoid(a): d/da = b s (1 + a (1 - s)),  d/db = a s.
+    """
+    ad, bd = np.ascontiguousarray(a.data), np.ascontiguousarray(b.data)
+    s = sigmoid(ad)
+    y = np.empty_like(ad)
+    swiglu_forward_kernel(ad.reshape(-1), bd.reshape(-1), s.reshape(-1), y.reshape(-1))
+
+    def backward(g):
+        ga, gb = np.empty_like(ad), np.empty_like(bd)
+        swiglu_backward_kernel(ad.reshape(-1), bd.reshape(-1), s.reshape(-1),
+                               np.ascontiguousarray(g).reshape(-1), ga.reshape(-1), gb.reshape(-1))
+        a._acc(ga)
+        b._acc(gb)
+    return Tensor.make(y, (a, b), backward)
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def swiglu_forward_kernel(a, b, s, y):
+    for i in prange(a.size):
+        y[i] = a[i] * s[i] * b[i]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def swiglu_backward_kernel(a, b, s, g, ga, gb):
+    for i in prange(a.size):
+        ga[i] = g[i] * b[i] * s[i] * (1.0 + a[i] * (1.0 - s[i]))
+        gb[i] = g[i] * a[i] * s[i]
 
 
 def cross_entropy(logits, targets, mask=None):
@@ -383,14 +472,15 @@ def cross_entropy(logits, targets, mask=None):
     if count == 0:
         raise ValueError("cross_entropy: every target is masked out, the mean is undefined")
     zmax = z.max(axis=1, keepdims=True)
-    lse = zmax[:, 0] + np.log(np.exp(z - zmax).sum(axis=1))
+    e = np.exp(z - zmax)                  # kept for the backward: softmax = e / sum(e)
+    total = e.sum(axis=1)
     rows = np.arange(n_rows)
-    loss = np.sum(m * (lse - z[rows, targets])) / count
+    loss = np.sum(m * (zmax[:, 0] + np.log(total) - z[rows, targets])) / count
 
     def backward(g):
-        p = np.exp(z - lse[:, None])  # softmax, built only now, in the backward
-        p[rows, targets] -= 1.0
-        p *= (g * m / count)[:, None]
+        p = e  # the forward's exponentials become the gradient in place (used once)
+        p *= (g * m / (count * total))[:, None]
+        p[rows, targets] -= g * m / count
         logits._acc(p)
     return Tensor.make(np.asarray(loss, dtype=z.dtype), (logits,), backward)
 

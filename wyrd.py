@@ -15,10 +15,10 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
+from autograd import FAST, Tensor, cross_entropy, embedding, linear, no_grad, rmsnorm, swiglu  # before numpy: thread policy
+
 import numpy as np
 from numba import njit, prange
-
-from autograd import Tensor, cross_entropy, embedding, linear, no_grad, rmsnorm, swiglu
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -103,9 +103,6 @@ def get_config(name):
 
 # ---------------------------------------------------------------------------
 # Numba kernels. Each has a plain NumPy twin in tests/test_kernels.py.
-# fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the loops,
-# but infinities must keep their meaning.
-FAST = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -127,7 +124,7 @@ def rope_kernel(x, cos, sin, out):
                 out[b, t, h, j + half] = x2 * cos[t, j] + x1 * sin[t, j]
 
 
-SCAN_BLOCK = 64  # channels per task: contiguous, so the inner loop vectorises
+SCAN_BLOCK = 256  # channels per task: 1 KB contiguous per time step, so it streams and vectorises
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -175,15 +172,16 @@ def scan_backward_kernel(a, h, h0, gh, du, da, dh0):
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def attention_forward_kernel(q, k, v, window, scale, out, lse):
+def attention_forward_kernel(q, k, v, kt, window, scale, out, lse):
     """Sliding-window causal GQA attention, O(Tq * W) work and O(W) scratch.
 
     q [B, Tq, H, D]; k, v [B, Tk, KV, D] with Tk >= Tq: the queries are the last
     Tq positions of the keys (Tk > Tq when decoding with a cache of past keys).
-    Query t (key index i = t + Tk - Tq) sees keys i - W < s <= i. Query head h
-    reads kv head h // (H / KV). Writes out [B, Tq, H, D] and the row
-    log-sum-exp lse [B, H, Tq], which is all the backward needs to rebuild the
-    probabilities (no [T, T] or [T, W] matrix is kept).
+    kt [B, KV, D, Tk] is k transposed, so the score loop runs over contiguous
+    keys and vectorises. Query t (key index i = t + Tk - Tq) sees keys
+    i - W < s <= i; query head h reads kv head h // (H / KV). Writes out
+    [B, Tq, H, D] and the row log-sum-exp lse [B, H, Tq]: all the backward needs
+    to rebuild the probabilities, so no [T, T] or [T, W] matrix is ever kept.
     """
     B, Tq, H, D = q.shape
     Tk, KV = k.shape[1], k.shape[2]
@@ -192,34 +190,35 @@ def attention_forward_kernel(q, k, v, window, scale, out, lse):
     for job in prange(B * KV):
         b, kh = job // KV, job % KV
         p = np.empty(window, dtype=q.dtype)
+        acc = np.empty(D, dtype=q.dtype)
         for h in range(kh * group, (kh + 1) * group):
             for t in range(Tq):
                 i = t + offset
                 s0 = max(0, i - window + 1)
                 n = i - s0 + 1
-                for j in range(n):
-                    acc = q[b, t, h, 0] * k[b, s0 + j, kh, 0]
-                    for e in range(1, D):
-                        acc += q[b, t, h, e] * k[b, s0 + j, kh, e]
-                    p[j] = acc * scale
+                p[:n] = 0.0
+                for e in range(D):                      # p_j = scale q_t . k_{s0+j}
+                    qe = q[b, t, h, e] * scale
+                    for j in range(n):
+                        p[j] += qe * kt[b, kh, e, s0 + j]
                 m = p[0]
                 for j in range(1, n):
                     m = max(m, p[j])
-                total = 0.0
+                total = p[0] * 0.0
                 for j in range(n):
                     p[j] = math.exp(p[j] - m)
                     total += p[j]
-                for e in range(D):
-                    out[b, t, h, e] = 0.0
-                for j in range(n):
+                acc[:] = 0.0
+                for j in range(n):                      # o_t = sum_j p_j v_{s0+j}
                     w = p[j] / total
                     for e in range(D):
-                        out[b, t, h, e] += w * v[b, s0 + j, kh, e]
+                        acc[e] += w * v[b, s0 + j, kh, e]
+                out[b, t, h, :] = acc
                 lse[b, h, t] = m + math.log(total)
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def attention_backward_kernel(q, k, v, out, lse, gout, window, scale, dq, dk, dv):
+def attention_backward_kernel(q, k, v, kt, vt, out, lse, gout, window, scale, dq, dk, dv):
     """Backward of the kernel above, rebuilding p_ts = exp(score_ts - lse_t).
 
     With o_t = sum_s p_ts v_s and p = softmax(score):
@@ -234,27 +233,35 @@ def attention_backward_kernel(q, k, v, out, lse, gout, window, scale, dq, dk, dv
     offset = Tk - Tq
     for job in prange(B * KV):
         b, kh = job // KV, job % KV
+        p = np.empty(window, dtype=q.dtype)
+        dp = np.empty(window, dtype=q.dtype)
+        acc = np.empty(D, dtype=q.dtype)
         for h in range(kh * group, (kh + 1) * group):
             for t in range(Tq):
                 i = t + offset
                 s0 = max(0, i - window + 1)
+                n = i - s0 + 1
                 delta = gout[b, t, h, 0] * out[b, t, h, 0]
                 for e in range(1, D):
                     delta += gout[b, t, h, e] * out[b, t, h, e]
-                for e in range(D):
-                    dq[b, t, h, e] = 0.0
-                for s in range(s0, i + 1):
-                    score = q[b, t, h, 0] * k[b, s, kh, 0]
-                    dp = gout[b, t, h, 0] * v[b, s, kh, 0]
-                    for e in range(1, D):
-                        score += q[b, t, h, e] * k[b, s, kh, e]
-                        dp += gout[b, t, h, e] * v[b, s, kh, e]
-                    p = math.exp(score * scale - lse[b, h, t])
-                    ds = p * (dp - delta) * scale
+                p[:n] = 0.0
+                dp[:n] = 0.0
+                for e in range(D):                      # scores and go_t . v_s, over contiguous keys
+                    qe, ge = q[b, t, h, e] * scale, gout[b, t, h, e]
+                    for j in range(n):
+                        p[j] += qe * kt[b, kh, e, s0 + j]
+                        dp[j] += ge * vt[b, kh, e, s0 + j]
+                for j in range(n):
+                    p[j] = math.exp(p[j] - lse[b, h, t])
+                    dp[j] = p[j] * (dp[j] - delta) * scale   # now dscore, scaled for q and k
+                acc[:] = 0.0
+                for j in range(n):
+                    s = s0 + j
                     for e in range(D):
-                        dv[b, s, kh, e] += p * gout[b, t, h, e]
-                        dq[b, t, h, e] += ds * k[b, s, kh, e]
-                        dk[b, s, kh, e] += ds * q[b, t, h, e]
+                        acc[e] += dp[j] * k[b, s, kh, e]
+                        dk[b, s, kh, e] += dp[j] * q[b, t, h, e]
+                        dv[b, s, kh, e] += p[j] * gout[b, t, h, e]
+                dq[b, t, h, :] = acc
 
 
 # ---------------------------------------------------------------------------
@@ -304,13 +311,15 @@ def window_attention(q, k, v, window):
     qd, kd, vd = (np.ascontiguousarray(t.data) for t in (q, k, v))
     B, Tq, H, D = qd.shape
     scale = qd.dtype.type(1.0 / math.sqrt(D))
+    kt = np.ascontiguousarray(kd.transpose(0, 2, 3, 1))              # [B, KV, D, Tk]
     out = np.empty_like(qd)
     lse = np.empty((B, H, Tq), dtype=qd.dtype)
-    attention_forward_kernel(qd, kd, vd, window, scale, out, lse)
+    attention_forward_kernel(qd, kd, vd, kt, window, scale, out, lse)
 
     def backward(g):
+        vt = np.ascontiguousarray(vd.transpose(0, 2, 3, 1))
         dq, dk, dv = np.empty_like(qd), np.zeros_like(kd), np.zeros_like(vd)
-        attention_backward_kernel(qd, kd, vd, out, lse, np.ascontiguousarray(g), window, scale, dq, dk, dv)
+        attention_backward_kernel(qd, kd, vd, kt, vt, out, lse, np.ascontiguousarray(g), window, scale, dq, dk, dv)
         q._acc(dq)
         k._acc(dk)
         v._acc(dv)

@@ -1,0 +1,75 @@
+"""Model benchmark: training-step throughput and utilisation, and decode speed.
+
+    python bench/bench_model.py                 # tiny B=8 T=256, medium B=1 T=256, medium decode
+    python bench/bench_model.py --only tiny     # one part: tiny | medium | decode
+
+utilisation = 6 x parameters x tokens/s / (float32 matmul FLOP/s measured in the same run)
+decode bound = matrix-vector GB/s / bytes of weights read per token
+"""
+import argparse
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from bench_kernels import matmul_gflops, matvec_gbps  # noqa: E402
+from wyrd import Chimera, get_config  # noqa: E402
+
+
+def train_step_rate(preset, B, T, steps, peak):
+    model = Chimera(get_config(preset))
+    n = model.num_params()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, model.config.vocab_size, (B, T + 1))
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        loss = model.loss(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        times.append(time.perf_counter() - t)
+        for p in model.parameters():
+            p.grad = None
+    dt = float(np.median(times[1:]))  # the first step compiles/caches
+    tok_s = B * T / dt
+    util = 6 * n * tok_s / (peak * 1e9)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(f"train {preset:6s} ({n / 1e6:7.2f}M params) B={B} T={T}: {dt * 1e3:8.1f} ms/step  "
+          f"{tok_s:8.0f} tok/s  utilisation {util * 100:5.1f}%  peak RSS {rss:.2f} GB")
+
+
+def decode_rate(preset, contexts, new_tokens, gbps):
+    model = Chimera(get_config(preset))
+    n = model.num_params()
+    bound = gbps * 1e9 / (4 * n)  # every weight (incl. the tied head) is read once per token
+    rng = np.random.default_rng(0)
+    for ctx in contexts:
+        state = model.init_state(1)
+        prompt = rng.integers(0, model.config.vocab_size, (1, ctx))
+        t = time.perf_counter()
+        logits = model.step(prompt, state)
+        ttft = time.perf_counter() - t
+        tok = np.array([[int(logits.argmax())]])
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            tok[0, 0] = int(model.step(tok, state).argmax())
+        rate = new_tokens / (time.perf_counter() - t)
+        print(f"decode {preset} context {ctx:5d}: prefill {ttft * 1e3:7.0f} ms, {rate:6.2f} tok/s "
+              f"({rate / bound * 100:5.1f}% of the {bound:.2f} tok/s bandwidth bound), state {state.nbytes() / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["tiny", "medium", "decode"], default=None)
+    ap.add_argument("--steps", type=int, default=5)
+    args = ap.parse_args()
+    peak, gbps = matmul_gflops(), matvec_gbps()
+    print(f"machine: {os.cpu_count()} cores, float32 matmul {peak:.0f} GFLOP/s, matvec {gbps:.1f} GB/s")
+    if args.only in (None, "tiny"):
+        train_step_rate("tiny", 8, 256, args.steps, peak)
+    if args.only in (None, "medium"):
+        train_step_rate("medium", 1, 256, args.steps, peak)
+    if args.only in (None, "decode"):
+        decode_rate("medium", [64, 4096], 32, gbps)
