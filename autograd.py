@@ -74,6 +74,7 @@ class Tensor:
         self.data = data
         self.grad = None
         self._grad_owned = False
+        self._released = False
         self.requires_grad = requires_grad
         self._parents = ()
         self._backward = None
@@ -111,6 +112,9 @@ class Tensor:
         its parents and its closure (and so the arrays the closure saved), so
         memory stays flat over thousands of steps. Leaf gradients are kept.
         """
+        if self._released:
+            raise RuntimeError("backward() through a graph that an earlier backward() released; "
+                               "run the forward again")
         if grad is None:
             if self.data.size != 1:
                 raise ValueError(f"backward() needs a scalar, got shape {self.shape}; pass grad=")
@@ -129,7 +133,7 @@ class Tensor:
         for node in reversed(topo):  # a node comes after every node that consumes it
             if node._backward is not None:
                 node._backward(node.grad)
-                node.grad, node._parents, node._backward = None, (), None
+                node.grad, node._parents, node._backward, node._released = None, (), None, True
             elif node.grad is not None and not node._grad_owned:
                 # a leaf keeps its gradient: make sure it is not a view or shared with
                 # another leaf, so an optimiser may scale it in place
@@ -253,8 +257,10 @@ class Tensor:
 
     def transpose(self, *axes):
         a = self
-        axes = axes or tuple(reversed(range(a.ndim)))
-        inverse = tuple(np.argsort(axes))
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])  # x.transpose((1, 0, 2)) as well as x.transpose(1, 0, 2), like NumPy
+        axes = tuple(ax % a.ndim for ax in axes) if axes else tuple(reversed(range(a.ndim)))
+        inverse = tuple(int(i) for i in np.argsort(axes))
 
         def backward(g):  # undo the permutation
             a._acc(g.transpose(inverse))
@@ -392,7 +398,7 @@ def rmsnorm(x, weight, eps):
     return Tensor.make(y.reshape(x.shape), (x, weight), backward)
 
 
-N_PARTIAL = 16  # row chunks of the rmsnorm weight-gradient sum: one partial row each, no races
+N_PARTIAL = 16  # row chunks for per-channel gradient sums (one partial row each: no races)
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -510,22 +516,24 @@ def gradcheck(f, inputs, eps=1e-6, rtol=1e-5, atol=1e-7, samples=None, seed=0):
     worst = 0.0
     for k, t in enumerate(inputs):
         analytic = np.zeros_like(t.data) if t.grad is None else t.grad
-        flat = t.data.reshape(-1)  # a view: perturbing it perturbs the input
-        idx = np.arange(flat.size)
-        if samples is not None and flat.size > samples:
-            idx = rng.choice(flat.size, samples, replace=False)
+        if analytic.shape != t.shape:
+            raise AssertionError(f"gradcheck: input {k} has shape {t.shape} but its gradient {analytic.shape}")
+        idx = np.arange(t.size)
+        if samples is not None and t.size > samples:
+            idx = rng.choice(t.size, samples, replace=False)
         for i in idx:
-            old = flat[i]
-            flat[i] = old + eps
+            at = np.unravel_index(i, t.shape)  # index the array itself: works for any memory layout
+            old = t.data[at]
+            t.data[at] = old + eps
             up = scalar()
-            flat[i] = old - eps
+            t.data[at] = old - eps
             down = scalar()
-            flat[i] = old
+            t.data[at] = old
             numeric = (up - down) / (2 * eps)
-            a = analytic.reshape(-1)[i]
+            a = analytic[at]
             err = abs(a - numeric) / (atol + rtol * abs(numeric))
             worst = max(worst, err)
             if err > 1:
                 raise AssertionError(
-                    f"gradcheck: input {k} entry {np.unravel_index(i, t.shape)}: analytic {a:.10g} vs numeric {numeric:.10g}")
+                    f"gradcheck: input {k} entry {at}: analytic {a:.10g} vs numeric {numeric:.10g}")
     return worst

@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
-from autograd import FAST, Tensor, cross_entropy, embedding, linear, no_grad, rmsnorm, swiglu  # before numpy: thread policy
+from autograd import FAST, N_PARTIAL, Tensor, cross_entropy, embedding, linear, no_grad, rmsnorm, sigmoid, swiglu  # before numpy: thread policy
 
 import numpy as np
 from numba import njit, prange
@@ -66,6 +66,12 @@ class ChimeraConfig:
                 problems.append(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
         if not isinstance(self.attention_every_n, int) or self.attention_every_n < 0:
             problems.append(f"attention_every_n must be an integer >= 0, got {self.attention_every_n!r}")
+        for f in ("rms_norm_eps", "rope_theta", "c"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                problems.append(f"{f} must be a positive number, got {v!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            problems.append(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if problems:
             raise ValueError("invalid ChimeraConfig: " + "; ".join(problems))
 
@@ -169,6 +175,38 @@ def scan_backward_kernel(a, h, h0, gh, du, da, dh0):
         for c in range(lo, hi):
             da[b, 0, c] = du[b, 0, c] * h0[b, c]
             dh0[b, c] = du[b, 0, c] * a[b, 0, c]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def decay_backward_kernel(ga, a, r, c_log_a, c, gz, glog_a):
+    """a = exp(c r log_a), r = sigmoid(z), rows [N, d].
+    da/dz = a c log_a r (1 - r);  da/dlog_a = a c r (summed over rows, per chunk)."""
+    N, d = a.shape
+    P = glog_a.shape[0]
+    for part in prange(P):
+        for n in range(part * N // P, (part + 1) * N // P):
+            for j in range(d):
+                t = ga[n, j] * a[n, j]
+                gz[n, j] = t * c_log_a[j] * r[n, j] * (1.0 - r[n, j])
+                glog_a[part, j] += t * c * r[n, j]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def input_forward_kernel(a, i, xp, u):
+    """u = sqrt(1 - a^2 + 1e-6) i xp, flat arrays."""
+    for n in prange(a.size):
+        u[n] = math.sqrt(1.0 - a[n] * a[n] + 1e-6) * i[n] * xp[n]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def input_backward_kernel(gu, a, i, xp, ga, gz, gxp):
+    """With m = sqrt(1 - a^2 + 1e-6), u = m i xp, i = sigmoid(z):
+    du/da = -a i xp / m,  du/dz = m xp i (1 - i),  du/dxp = m i."""
+    for n in prange(a.size):
+        m = math.sqrt(1.0 - a[n] * a[n] + 1e-6)
+        ga[n] = -gu[n] * a[n] * i[n] * xp[n] / m
+        gz[n] = gu[n] * m * xp[n] * i[n] * (1.0 - i[n])
+        gxp[n] = gu[n] * m * i[n]
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -306,6 +344,42 @@ def rglru_scan(a, u, h0):
     return Tensor.make(h, (a, u, h0), backward)
 
 
+def rglru_decay(z, lambda_param, c):
+    """a_t = exp(c r_t log_a) = a^(c r_t), with r_t = sigmoid(z) and
+    log_a = log(sigmoid(lambda) + 1e-8) <= 0. z [B, T, d], lambda [d]."""
+    d = z.shape[-1]
+    s = sigmoid(lambda_param.data)
+    c_log_a = (c * np.log(s + 1e-8)).astype(z.dtype)
+    r = sigmoid(z.data)
+    a = r * c_log_a
+    np.exp(a, out=a)
+
+    def backward(g):
+        gz, glog_a = np.empty_like(r), np.zeros((N_PARTIAL, d), r.dtype)
+        decay_backward_kernel(np.ascontiguousarray(g).reshape(-1, d), a.reshape(-1, d), r.reshape(-1, d),
+                              c_log_a, z.dtype.type(c), gz.reshape(-1, d), glog_a)
+        z._acc(gz)
+        lambda_param._acc(glog_a.sum(axis=0) * s * (1.0 - s) / (s + 1e-8))  # d log(s + 1e-8) / d lambda
+    return Tensor.make(a, (z, lambda_param), backward)
+
+
+def rglru_input(a, z, xp):
+    """u_t = sqrt(1 - a_t^2 + 1e-6) * (i_t * xp_t) with i_t = sigmoid(z)."""
+    ad, xd = np.ascontiguousarray(a.data), np.ascontiguousarray(xp.data)
+    i = sigmoid(z.data)
+    u = np.empty_like(ad)
+    input_forward_kernel(ad.reshape(-1), i.reshape(-1), xd.reshape(-1), u.reshape(-1))
+
+    def backward(g):
+        ga, gz, gxp = np.empty_like(ad), np.empty_like(ad), np.empty_like(ad)
+        input_backward_kernel(np.ascontiguousarray(g).reshape(-1), ad.reshape(-1), i.reshape(-1), xd.reshape(-1),
+                              ga.reshape(-1), gz.reshape(-1), gxp.reshape(-1))
+        a._acc(ga)
+        z._acc(gz)
+        xp._acc(gxp)
+    return Tensor.make(u, (a, z, xp), backward)
+
+
 def window_attention(q, k, v, window):
     """softmax(q k^T / sqrt(D)) v over the sliding causal window, with GQA."""
     qd, kd, vd = (np.ascontiguousarray(t.data) for t in (q, k, v))
@@ -400,15 +474,13 @@ class RGLRU(Module):
         self.output_proj = Linear(d, d, rng, dtype)
 
     def __call__(self, x, pos0=0, cache=None):
-        xp = self.input_proj(x)                                    # [B, T, d]
-        i_t = self.input_gate_proj(x).sigmoid()
-        r_t = self.recurrence_gate_proj(x).sigmoid()
-        log_a = (self.lambda_param.sigmoid() + 1e-8).log()         # [d], <= 0
-        # a_t = a^(c r_t), computed in log space: r_t -> 0 keeps the state (a_t -> 1)
-        a_t = (self.c * r_t * log_a).exp()
-        # sqrt(1 - a_t^2) keeps h at unit scale: a decaying state lets in just
-        # enough input to replace what it forgets (1e-6 keeps the sqrt's slope finite)
-        u_t = (1.0 - a_t * a_t + 1e-6).sqrt() * (i_t * xp)
+        xp = self.input_proj(x)                                                 # [B, T, d]
+        # a_t = a^(c r_t), r_t = sigmoid(recurrence gate), in log space: r_t -> 0
+        # keeps the state (a_t -> 1), r_t -> 1 decays it at the learned rate a
+        a_t = rglru_decay(self.recurrence_gate_proj(x), self.lambda_param, self.c)
+        # u_t = sqrt(1 - a_t^2) (i_t xp_t): a state that forgets a fraction lets in
+        # just enough input to stay at unit scale (1e-6 keeps the sqrt's slope finite)
+        u_t = rglru_input(a_t, self.input_gate_proj(x), xp)
         h0 = self.h0 if cache is None else Tensor(cache["h"])
         h = rglru_scan(a_t, u_t, h0)                               # [B, T, d]
         if cache is not None:
@@ -662,11 +734,11 @@ def read_safetensors(path):
         head = f.read(8)
         if len(head) < 8:
             raise bad(f"not a safetensors file: only {size} bytes, the 8-byte header length is missing")
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise bad("this is a PyTorch pickle/zip checkpoint (.pt/.bin), not safetensors; "
-                      "Wyrd never unpickles. Convert it with safetensors.torch.save_file")
         n = int.from_bytes(head, "little")
         if n > min(size - 8, MAX_HEADER):
+            if head[:2] == b"PK" or head[:1] == b"\x80":  # zip or pickle magic, not a plausible length
+                raise bad("this is a PyTorch .pt/.bin checkpoint (zip or pickle), not safetensors; "
+                          "Wyrd never unpickles. Convert it with safetensors.torch.save_file")
             raise bad(f"not a safetensors file or truncated: header length {n} exceeds the file's {size - 8} bytes")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
@@ -690,7 +762,7 @@ def read_safetensors(path):
             if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len:
                 raise bad(f"tensor {name!r}: offsets [{begin}, {end}] fall outside the {data_len}-byte data "
                           f"section (file truncated?)")
-            if end - begin != int(np.prod(shape)) * dtype.itemsize:
+            if end - begin != math.prod(shape) * dtype.itemsize:  # Python ints: no overflow
                 raise bad(f"tensor {name!r}: {end - begin} bytes do not hold shape {list(shape)} of {info['dtype']}")
             spans.append((begin, end, name))
             f.seek(8 + n + begin)
@@ -736,8 +808,11 @@ def load(path, dtype=np.float32):
         raise CheckpointError(f"{path}: weights do not match the config: {e}") from None
     tokenizer = None
     if "tokenizer" in metadata:
-        from tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_json(metadata["tokenizer"])
+        from tokenizer import Tokenizer, TokenizerError
+        try:
+            tokenizer = Tokenizer.from_json(metadata["tokenizer"], source=f"{path} __metadata__['tokenizer']")
+        except TokenizerError as e:
+            raise CheckpointError(f"{path}: bad tokenizer in __metadata__: {e}") from None
     try:
         meta = json.loads(metadata.get("meta", "{}"))
     except json.JSONDecodeError as e:

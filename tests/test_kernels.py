@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from autograd import Tensor, gradcheck
-from wyrd import rglru_scan, rope, rope_angles, window_attention
+from wyrd import rglru_decay, rglru_input, rglru_scan, rope, rope_angles, window_attention
 
 rng = np.random.default_rng(1234)
 
@@ -110,6 +110,28 @@ def test_scan_gradcheck(h0_shape):
     """Nonzero h0, both as a per-row state [B, d] and as the learned [1, 1, d]."""
     a, u, h0 = rng.uniform(0.1, 1, (2, 6, 4)), randn(2, 6, 4), randn(*h0_shape)
     gradcheck(rglru_scan, [Tensor(a), Tensor(u), Tensor(h0)])
+
+
+# -- RG-LRU gates -----------------------------------------------------------------------
+def sig(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_decay_and_input_gates_match_numpy():
+    z, lam, zi, xp = randn(2, 5, 7), rng.uniform(-2, 9, 7), randn(2, 5, 7), randn(2, 5, 7)
+    a = rglru_decay(Tensor(z), Tensor(lam), 8.0).data
+    a_ref = np.exp(8.0 * sig(z) * np.log(sig(lam) + 1e-8))
+    np.testing.assert_allclose(a, a_ref, rtol=1e-12)
+    u = rglru_input(Tensor(a_ref), Tensor(zi), Tensor(xp)).data
+    np.testing.assert_allclose(u, np.sqrt(1 - a_ref ** 2 + 1e-6) * sig(zi) * xp, rtol=1e-12)
+
+
+def test_decay_and_input_gates_gradcheck():
+    # lambda down to -2 so sigmoid(lambda) is far from 1 and its gradient is not tiny
+    z, lam = randn(2, 5, 7), rng.uniform(-2, 9, 7)
+    gradcheck(lambda a, b: rglru_decay(a, b, 8.0), [Tensor(z), Tensor(lam)])
+    a = rng.uniform(0.05, 0.95, (2, 5, 7))
+    gradcheck(rglru_input, [Tensor(a), Tensor(randn(2, 5, 7)), Tensor(randn(2, 5, 7))])
 
 
 # -- sliding-window attention ----------------------------------------------------------
