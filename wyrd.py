@@ -242,15 +242,17 @@ def attention_forward_kernel(q, k, v, kt, window, scale, out, lse):
                 m = p[0]
                 for j in range(1, n):
                     m = max(m, p[j])
-                total = p[0] * 0.0
+                total = 0.0
                 for j in range(n):
                     p[j] = math.exp(p[j] - m)
                     total += p[j]
+                inv = 1.0 / total
+                for j in range(n):   # normalise in place: stores keep p in q's dtype, so the
+                    p[j] *= inv      # loop below stays float32 for float32 inputs (and vectorises)
                 acc[:] = 0.0
                 for j in range(n):                      # o_t = sum_j p_j v_{s0+j}
-                    w = p[j] / total
                     for e in range(D):
-                        acc[e] += w * v[b, s0 + j, kh, e]
+                        acc[e] += p[j] * v[b, s0 + j, kh, e]
                 out[b, t, h, :] = acc
                 lse[b, h, t] = m + math.log(total)
 

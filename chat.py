@@ -1,0 +1,721 @@
+"""Talk to Wyrd: the sampler, streaming generation, the REPL, one-shot prompts and
+pipes, and a small local web chat.
+
+    python chat.py                                  # REPL on out/wyrd.safetensors
+    python chat.py --checkpoint PATH --seed 1       # another model, reproducible replies
+    python chat.py --prompt "Hello!"                # one reply, then exit
+    python chat.py --raw --prompt "Once upon a time"  # continue plain text, no chat template
+    printf 'Hi\\nTell me a story\\n' | python chat.py  # each stdin line is one user turn
+    python chat.py --serve [--host 127.0.0.1] [--port 5000]   # web chat in the browser
+
+Read top to bottom: the sampler, generation, the conversation, the REPL, the
+web server, the command line. Other modules import `sample`, `generate`,
+`Settings` and `Conversation`.
+
+How a conversation is fed. Decoding state is O(1): a recurrent `h` per RG-LRU
+layer and a ring buffer of the last `sliding_window` keys and values per
+attention layer (wyrd.DecodeState). It carries from turn to turn, so a turn
+feeds only its new tokens, as one chunk:
+
+    first turn:  <|im_start|>system\\n...<|im_end|>\\n  <|im_start|>user\\n...<|im_end|>\\n  <|im_start|>assistant\\n
+    later turns: \\n  <|im_start|>user\\n...<|im_end|>\\n  <|im_start|>assistant\\n
+
+then samples the reply token by token. The reply's tokens and its <|im_end|>
+enter the state as they are sampled, and the "\\n" that follows <|im_end|> in
+the template opens the next turn's chunk. A reply cut short (max tokens,
+Ctrl-C, a web client gone) is closed with <|im_end|>\\n, so the state always
+holds exactly the ChatML text of the transcript. The cost of a turn does not
+grow with the length of the conversation, and neither does memory.
+"""
+import wyrd  # noqa: F401  (first: autograd sets the BLAS/OpenMP thread policy before NumPy loads)
+
+import argparse
+import contextlib
+import dataclasses
+import http.cookies
+import json
+import os
+import secrets
+import signal
+import sys
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+
+from tokenizer import DEFAULT_SYSTEM
+
+DEFAULT_CHECKPOINT = os.path.join("out", "wyrd.safetensors")  # what `python train.py` writes
+PREFILL_CHUNK = 512  # prompt tokens per model.step call: bounds the activations of a long paste
+
+
+# ---------------------------------------------------------------------------
+# The sampler: repetition penalty -> temperature -> top-k -> top-p -> draw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How replies are sampled. The defaults are the spec's reference run."""
+    temperature: float = 0.7         # 0 = greedy (argmax)
+    top_k: int = 50                  # keep the k most likely tokens; 0 = all
+    top_p: float = 0.9               # then the smallest set holding this much probability; 1 = all
+    repetition_penalty: float = 1.1  # 1 = off
+    penalty_window: int = 64         # how many recent context tokens the penalty looks at
+    max_tokens: int = 512            # per reply
+    seed: int | None = None          # None = a fresh random seed
+
+    def __post_init__(self):
+        def bad(name, rule):
+            raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+        is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+        if not self.temperature >= 0:  # also rejects NaN
+            bad("temperature", "a number >= 0 (0 = greedy)")
+        if not is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", "an integer >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "in (0, 1] (1 = off)")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "a number > 0 (1 = off)")
+        if not is_int(self.penalty_window) or self.penalty_window < 0:
+            bad("penalty_window", "an integer >= 0")
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            bad("max_tokens", "an integer >= 1")
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            bad("seed", "an integer >= 0 or none")
+
+    def with_value(self, name, text):
+        """A copy with one setting changed from its text form (the REPL's /set)."""
+        name = name.replace("-", "_")
+        kinds = {f.name: f.type for f in dataclasses.fields(self)}
+        if name not in kinds:
+            raise ValueError(f"unknown setting {name!r}; known: {', '.join(kinds)}")
+        try:
+            if name == "seed" and text.lower() in ("none", "random"):
+                value = None
+            else:
+                value = float(text) if kinds[name] is float else int(text)
+        except ValueError:
+            raise ValueError(f"{name} needs {'a number' if kinds[name] is float else 'an integer'}, "
+                             f"got {text!r}") from None
+        return dataclasses.replace(self, **{name: value})
+
+    def describe(self):
+        return "  ".join(f"{k} {v}" for k, v in dataclasses.asdict(self).items())
+
+
+def apply_repetition_penalty(logits, recent_ids, penalty):
+    """The standard rule (CTRL, Keskar et al. 2019; also Hugging Face's): each token id in
+    recent_ids has its logit divided by the penalty if positive and multiplied by it if
+    negative, so with penalty > 1 it becomes less likely either way. A token counts once
+    however often it appeared."""
+    ids = np.unique(np.fromiter(recent_ids, dtype=np.int64))
+    ids = ids[(ids >= 0) & (ids < len(logits))]
+    if penalty == 1 or len(ids) == 0:
+        return logits
+    out = logits.copy()
+    seen = out[ids]
+    out[ids] = np.where(seen > 0, seen / penalty, seen * penalty)
+    return out
+
+
+def top_k_ids(logits, k):
+    """Ids of the k largest logits, largest first (all ids when k is 0 or >= the vocabulary)."""
+    ids = np.argpartition(-logits, k - 1)[:k] if 0 < k < len(logits) else np.arange(len(logits))
+    return ids[np.argsort(-logits[ids], kind="stable")]
+
+
+def top_p_count(probs, p):
+    """How many of probs (sorted, largest first) form the nucleus: the fewest whose
+    sum reaches p (Holtzman et al. 2019). Always at least one."""
+    if p >= 1:
+        return len(probs)
+    return min(int(np.searchsorted(np.cumsum(probs), p)) + 1, len(probs))
+
+
+def sample(logits, rng, temperature=0.7, top_k=50, top_p=0.9, repetition_penalty=1.1, recent_ids=()):
+    """One token id from next-token logits [V].
+
+    rng: np.random.Generator. recent_ids: the ids the repetition penalty applies to
+    (the caller picks the window). temperature 0 is greedy: the argmax after the
+    penalty, ignoring top-k and top-p.
+    """
+    logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float64), recent_ids, repetition_penalty)
+    if temperature == 0:
+        return int(np.argmax(logits))
+    ids = top_k_ids(logits, top_k)                   # candidates, most likely first
+    z = logits[ids] / temperature
+    probs = np.exp(z - z[0])                         # z[0] is the max: softmax without overflow
+    probs /= probs.sum()
+    n = top_p_count(probs, top_p)
+    cdf = np.cumsum(probs[:n])
+    pick = int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))  # inverse CDF
+    return int(ids[min(pick, n - 1)])
+
+
+# ---------------------------------------------------------------------------
+# Generation
+
+
+def generate(model, tok, state, prompt_ids, settings=None, rng=None, stop_ids=None, recent_ids=None):
+    """Feed prompt_ids to the model, then sample and yield new token ids one at a time.
+
+    model       a wyrd.Chimera (anything with init_state(1) and step(ids [1, n], state) -> logits [1, V])
+    tok         its Tokenizer: gives the default stop ids and caps sampling to its vocabulary; may be None
+    state       the DecodeState to continue, advanced in place; None = a fresh one
+    prompt_ids  the ids to feed first (at least one)
+    settings    a Settings (sampling, max_tokens); default Settings()
+    rng         a np.random.Generator; default np.random.default_rng(settings.seed)
+    stop_ids    ids that end the text; default <|im_end|> and <|endoftext|> of tok
+    recent_ids  a deque of earlier context ids for the repetition penalty (a conversation
+                keeps one across turns); the prompt and each new id are appended to it.
+                Default: a new deque(maxlen=settings.penalty_window).
+
+    Stops after yielding a stop id or settings.max_tokens ids. The last id yielded is
+    never fed to `state` (no logits are needed after it): feed it yourself to go on.
+    Closing the generator early leaves `state` whole, holding every id yielded but the last.
+
+        ids = tok.encode("Once upon a time")
+        story = tok.decode(t for t in generate(model, tok, None, ids) if t != tok.eot_id)
+    """
+    settings = settings or Settings()
+    rng = rng if rng is not None else np.random.default_rng(settings.seed)
+    if stop_ids is None:
+        stop_ids = {i for i in (tok.im_end_id, tok.eot_id) if i is not None} if tok is not None else set()
+    state = state if state is not None else model.init_state(1)
+    recent_ids = recent_ids if recent_ids is not None else deque(maxlen=settings.penalty_window)
+    prompt_ids = [int(i) for i in prompt_ids]
+    if not prompt_ids:
+        raise ValueError("generate needs at least one prompt id (e.g. tok.eot_id to start a new text)")
+    vocab = tok.vocab_size if tok is not None else None   # a model may pad its vocabulary
+    for i in range(0, len(prompt_ids), PREFILL_CHUNK):
+        logits = model.step(np.asarray([prompt_ids[i:i + PREFILL_CHUNK]]), state)[0]
+    recent_ids.extend(prompt_ids)
+    for n in range(1, settings.max_tokens + 1):
+        next_id = sample(logits[:vocab], rng, settings.temperature, settings.top_k, settings.top_p,
+                         settings.repetition_penalty, recent_ids)
+        recent_ids.append(next_id)
+        yield next_id
+        if next_id in stop_ids or n == settings.max_tokens:
+            return
+        logits = model.step(np.asarray([[next_id]]), state)[0]
+
+
+def complete(model, tok, text, settings=None, rng=None):
+    """Continue plain text, no chat template (story completion); yields text pieces.
+    The text starts a new document, after <|endoftext|> as in pretraining."""
+    ids = ([tok.eot_id] if tok.eot_id is not None else []) + tok.encode(text)
+    decoder = tok.stream_decoder()
+    for t in generate(model, tok, None, ids, settings, rng):
+        if t in (tok.eot_id, tok.im_end_id):
+            break
+        piece = decoder.push(t)
+        if piece:
+            yield piece
+    yield decoder.flush()
+
+
+# ---------------------------------------------------------------------------
+# A conversation
+
+
+class Conversation:
+    """One chat: its messages and the decoding state that has read them.
+
+    `pending` holds the ids that belong in the state before the next user turn:
+    the system block at first; after a reply, <|im_end|>\\n (plus the reply's last
+    token if it was cut short). `state.pos` is the number of tokens read so far.
+    """
+
+    def __init__(self, model, tok, system=DEFAULT_SYSTEM):
+        if tok.im_start_id is None or tok.im_end_id is None:
+            raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so it cannot chat; "
+                             "use --raw to continue plain text")
+        self.model, self.tok = model, tok
+        self.stop_ids = {i for i in (tok.im_end_id, tok.eot_id) if i is not None}
+        # `<|im_start|>assistant\n` exactly as the template renders the generation prompt
+        self.assistant_prefix = tok.render_chat([], add_generation_prompt=True)[0][len(tok.render_chat([])[0]):]
+        self.system = system
+        self.reset()
+
+    def reset(self, system=None):
+        """Start over (with a new system prompt if given)."""
+        if system is not None:
+            self.system = system
+        self.messages = [{"role": "system", "content": self.system}]
+        self.state = self.model.init_state(1)
+        self.pending = self.tok.render_message("system", self.system)[0]
+        self.recent = deque()
+
+    def turn(self, text, settings, rng):
+        """Feed the user's message, then yield the reply as text pieces while it is
+        sampled (whole UTF-8 characters only). Closing this generator early (Ctrl-C, a
+        client gone) ends the reply there; the transcript and the state stay in step."""
+        user = self.tok.render_message("user", text)[0]   # the text is encoded as text: no special ids
+        prompt = self.pending + user + self.assistant_prefix
+        self.messages.append({"role": "user", "content": text})
+        if self.recent.maxlen != settings.penalty_window:
+            self.recent = deque(self.recent, maxlen=settings.penalty_window)
+        reply, last, decoder = [], None, self.tok.stream_decoder()
+        try:
+            for last in generate(self.model, self.tok, self.state, prompt, settings, rng, self.stop_ids, self.recent):
+                if last in self.stop_ids:
+                    break
+                reply.append(last)
+                piece = decoder.push(last)
+                if piece:
+                    yield piece
+            piece = decoder.flush()
+            if piece:
+                yield piece
+        finally:
+            # generate never feeds the last id it yielded: a stop id gives way to the
+            # template's <|im_end|>; an ordinary one (a cut reply) goes in before it.
+            unfed = [last] if last is not None and last not in self.stop_ids else []
+            self.pending = unfed + [self.tok.im_end_id] + self.tok.encode("\n")
+            self.messages.append({"role": "assistant", "content": self.tok.decode(reply)})
+
+    def reply(self, text, settings, rng):
+        """The whole reply as one string."""
+        return "".join(self.turn(text, settings, rng))
+
+
+# ---------------------------------------------------------------------------
+# The REPL
+
+HELP = """commands:
+  /help                this list
+  /reset               start a new conversation
+  /system [TEXT]       show the system prompt, or set it and start a new conversation
+  /set [NAME VALUE]    show the sampling settings, or change one: temperature (0 = greedy),
+                       top_k, top_p, repetition_penalty, penalty_window, max_tokens, seed
+  /save FILE           write the conversation as one JSONL line {"messages": [...]}
+  /quit                exit (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation
+  //TEXT               send a message that starts with a slash"""
+
+
+@contextlib.contextmanager
+def ctrl_c_stops():
+    """Within the block Ctrl-C sets the yielded Event instead of raising KeyboardInterrupt.
+    The reply then stops between two model steps: an exception in the middle of
+    model.step could leave some layers of the state advanced and others not."""
+    hit = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield hit
+        return
+    old = signal.signal(signal.SIGINT, lambda signum, frame: hit.set())
+    try:
+        yield hit
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def stream(pieces, out=None):
+    """Write text pieces to out (stdout) as they come, flushing each. Ctrl-C stops
+    early. -> True if stopped by Ctrl-C."""
+    out = out or sys.stdout
+    with ctrl_c_stops() as stop:
+        try:
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+                if stop.is_set():
+                    break
+        finally:
+            pieces.close()
+    out.write("\n")
+    out.flush()
+    return stop.is_set()
+
+
+class Repl:
+    """Read a line, run a command or answer it, repeat. Replies go to stdout and
+    everything else to stderr, so `python chat.py < questions.txt > answers.txt` works."""
+
+    def __init__(self, model, tok, settings, system=DEFAULT_SYSTEM, interactive=True, raw=False):
+        self.model, self.tok, self.settings, self.raw = model, tok, settings, raw
+        self.interactive = interactive
+        self.conv = None if raw else Conversation(model, tok, system)
+        self.rng = np.random.default_rng(settings.seed)
+
+    def note(self, text):
+        print(text, file=sys.stderr, flush=True)
+
+    def read(self):
+        """The next line, or None at the end of input."""
+        if not self.interactive:
+            line = sys.stdin.readline()
+            return line.rstrip("\r\n") if line else None
+        while True:
+            try:
+                return input("> ")
+            except KeyboardInterrupt:   # at the prompt, Ctrl-C clears the line
+                print(file=sys.stderr)
+            except EOFError:
+                print(file=sys.stderr)
+                return None
+
+    def run(self):
+        if self.interactive:
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401  (line editing and history for input())
+            self.note("/help for commands, Ctrl-C stops a reply, Ctrl-D quits"
+                      + ("; each line is a text to continue" if self.raw else ""))
+        while (line := self.read()) is not None:
+            if not line.strip():
+                continue
+            if line.startswith("/") and not line.startswith("//"):
+                if not self.command(line):
+                    break
+                continue
+            self.say(line[1:] if line.startswith("//") else line)
+
+    def say(self, text):
+        """Answer (or continue) one line, streaming to stdout. -> True if Ctrl-C stopped it."""
+        if self.raw:
+            sys.stdout.write(text)
+            pieces = complete(self.model, self.tok, text, self.settings, self.rng)
+        else:
+            pieces = self.conv.turn(text, self.settings, self.rng)
+        stopped = stream(pieces)
+        if stopped:
+            self.note("[stopped]")
+        if self.interactive:
+            print()
+        return stopped
+
+    def command(self, line):
+        """Run one /command; False means quit."""
+        name, _, arg = line.strip().partition(" ")
+        arg = arg.strip()
+        if name in ("/quit", "/exit", "/q"):
+            return False
+        if name == "/help":
+            self.note(HELP)
+        elif name == "/reset" and self.conv:
+            self.conv.reset()
+            self.rng = np.random.default_rng(self.settings.seed)
+            self.note("[new conversation]")
+        elif name == "/system" and self.conv:
+            if arg:
+                self.conv.reset(system=arg)
+                self.rng = np.random.default_rng(self.settings.seed)
+                self.note("[system prompt set; new conversation]")
+            else:
+                self.note(f"system prompt: {self.conv.system}")
+        elif name == "/set":
+            setting, _, value = arg.partition(" ")
+            if not value.strip():
+                self.note(self.settings.describe())
+                return True
+            try:
+                self.settings = self.settings.with_value(setting, value.strip())
+            except ValueError as e:
+                self.note(f"error: {e}")
+                return True
+            if setting == "seed":
+                self.rng = np.random.default_rng(self.settings.seed)
+            self.note(self.settings.describe())
+        elif name == "/save" and self.conv:
+            if not arg:
+                self.note("usage: /save FILE")
+                return True
+            try:
+                with open(arg, "w", encoding="utf-8") as f:
+                    f.write(json.dumps({"messages": self.conv.messages}, ensure_ascii=False) + "\n")
+                self.note(f"[saved {len(self.conv.messages)} messages to {arg}]")
+            except OSError as e:
+                self.note(f"error: cannot write {arg}: {e.strerror}")
+        else:
+            self.note(f"unknown command {name!r} (in this mode); /help lists them, //TEXT sends a message")
+        return True
+
+
+# ---------------------------------------------------------------------------
+# The web chat: one page, POST /api/chat streams the reply as JSON lines,
+# POST /api/reset starts over. Standard library only.
+
+MAX_BODY = 64 * 1024     # bytes of request body, else 413
+MAX_SESSIONS = 64        # conversations kept; the least recently used goes first
+COOKIE = "wyrd_session"
+
+PAGE = """<!doctype html>
+<html lang="en"><meta charset="utf-8"><meta name="viewport" content="width=device-width">
+<title>Wyrd</title>
+<style>
+body { font: 16px/1.4 system-ui, sans-serif; max-width: 44em; margin: 2em auto; padding: 0 1em; }
+#log div { white-space: pre-wrap; margin: .7em 0; }
+.user { color: #555; } .user::before { content: "you: "; font-weight: bold; }
+.bot::before { content: "wyrd: "; font-weight: bold; }
+form { display: flex; gap: .5em; } input { flex: 1; font: inherit; padding: .3em; }
+</style>
+<h1>Wyrd</h1>
+<div id="log"></div>
+<form id="form"><input id="box" autocomplete="off" autofocus placeholder="Say something">
+<button id="send">Send</button><button type="button" id="reset">Reset</button></form>
+<script>
+const log = document.getElementById("log"), box = document.getElementById("box"), send = document.getElementById("send");
+const post = (path, obj) => fetch(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(obj)});
+function add(cls, text) {
+  const div = document.createElement("div");
+  div.className = cls; div.textContent = text; log.append(div); return div;
+}
+document.getElementById("form").onsubmit = async (e) => {
+  e.preventDefault();
+  const text = box.value;
+  if (!text.trim()) return;
+  box.value = ""; send.disabled = true;
+  add("user", text);
+  const bot = add("bot", "");
+  try {
+    const r = await post("/api/chat", {message: text});
+    if (!r.ok) { bot.textContent = "[" + r.status + ": " + await r.text() + "]"; return; }
+    const reader = r.body.getReader(), utf8 = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buf += utf8.decode(value, {stream: true});
+      const lines = buf.split("\\n"); buf = lines.pop();
+      for (const line of lines) { const m = JSON.parse(line); if (m.text) bot.textContent += m.text; }
+    }
+  } finally { send.disabled = false; box.focus(); }
+};
+document.getElementById("reset").onclick = async () => { await post("/api/reset", {}); log.textContent = ""; };
+</script>
+</html>
+"""
+
+
+class SharedModel:
+    """The model as many request threads use it: each has its own state and the
+    weights are only read, but steps run one at a time (two at once would only
+    fight over the same cores' BLAS and Numba threads)."""
+
+    def __init__(self, model):
+        self.model, self.lock = model, threading.Lock()
+
+    def init_state(self, batch_size=1):
+        return self.model.init_state(batch_size)
+
+    def step(self, ids, state):
+        with self.lock:
+            return self.model.step(ids, state)
+
+
+class WebSession:
+    def __init__(self, conv, rng):
+        self.conv, self.rng, self.lock = conv, rng, threading.Lock()
+
+
+class ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, model, tok, settings, system=DEFAULT_SYSTEM):
+        super().__init__(address, ChatHandler)
+        self.model, self.tok, self.settings, self.system = SharedModel(model), tok, settings, system
+        self.sessions = OrderedDict()   # session id -> WebSession, least recently used first
+        self.sessions_lock = threading.Lock()
+
+    def session(self, sid):
+        """-> (session id, WebSession); a new one for an unknown or missing id."""
+        with self.sessions_lock:
+            if sid in self.sessions:
+                self.sessions.move_to_end(sid)
+                return sid, self.sessions[sid]
+            sid = secrets.token_hex(16)
+            self.sessions[sid] = WebSession(Conversation(self.model, self.tok, self.system),
+                                            np.random.default_rng(self.settings.seed))
+            while len(self.sessions) > MAX_SESSIONS:
+                self.sessions.popitem(last=False)
+            return sid, self.sessions[sid]
+
+
+class ChatHandler(BaseHTTPRequestHandler):
+    server_version = "Wyrd"
+    timeout = 60  # seconds a client may take to send its request
+
+    def do_GET(self):
+        if self.path.split("?")[0] != "/":
+            return self.reply(404, "text/plain", b"not found")
+        self.reply(200, "text/html; charset=utf-8", PAGE.encode("utf-8"))
+
+    def do_POST(self):
+        if self.path not in ("/api/chat", "/api/reset"):
+            return self.reply(404, "text/plain", b"not found")
+        body = self.read_json()
+        if body is None:
+            return
+        message = body.get("message")
+        if self.path == "/api/chat" and not (isinstance(message, str) and message.strip()):
+            return self.reply(400, "text/plain", b'expected JSON {"message": "some text"}')
+        try:
+            cookie = http.cookies.SimpleCookie(self.headers.get("Cookie", ""))
+        except http.cookies.CookieError:
+            cookie = {}
+        sid, session = self.server.session(cookie[COOKIE].value if COOKIE in cookie else None)
+        if not session.lock.acquire(blocking=False):  # one request at a time per conversation
+            return self.reply(409, "text/plain", b"a reply is still being written in this conversation", sid)
+        try:
+            if self.path == "/api/reset":
+                session.conv.reset()
+                return self.reply(200, "application/json", b'{"ok": true}', sid)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
+            self.send_common_headers(sid)
+            self.end_headers()          # HTTP/1.0: the body ends when the connection closes
+            pieces = session.conv.turn(message, self.server.settings, session.rng)
+            try:
+                for piece in pieces:
+                    self.wfile.write((json.dumps({"text": piece}) + "\n").encode("utf-8"))
+                self.wfile.write(b'{"done": true}\n')
+            except (BrokenPipeError, ConnectionResetError):
+                pass                    # the reader left: the reply ends here
+            finally:
+                pieces.close()
+        finally:
+            session.lock.release()
+
+    def read_json(self):
+        """The request body as a JSON object, or None after sending the error."""
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+            # also makes a cross-site form post impossible without a CORS preflight we never grant
+            self.reply(415, "text/plain", b"send Content-Type: application/json")
+            return None
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.reply(411, "text/plain", b"Content-Length required")
+            return None
+        if length > MAX_BODY or length < 0:
+            if length <= 16 * MAX_BODY:  # drop it, so the client reads the 413 rather than a reset
+                self.rfile.read(length)
+            self.close_connection = True
+            self.reply(413, "text/plain", f"request body over {MAX_BODY} bytes".encode())
+            return None
+        try:
+            body = json.loads(self.rfile.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            body = None
+        if not isinstance(body, dict):
+            self.reply(400, "text/plain", b"the body must be a JSON object")
+            return None
+        return body
+
+    def send_common_headers(self, sid=None):
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        if sid is not None:
+            self.send_header("Set-Cookie", f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict")
+
+    def reply(self, code, content_type, data, sid=None):
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_common_headers(sid)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def serve(model, tok, settings, system, host, port):
+    server = ChatServer((host, port), model, tok, settings, system)
+    host, port = server.server_address[:2]
+    print(f"Wyrd web chat on http://{host}:{port}/  (Ctrl-C stops the server)", file=sys.stderr, flush=True)
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"warning: listening on {host}: anyone who can reach this address can use the chat",
+              file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# ---------------------------------------------------------------------------
+# The command line
+
+
+def load_checkpoint(path):
+    """-> (model, tok), or raise SystemExit with one line a user can act on."""
+    if not os.path.exists(path):
+        if path == DEFAULT_CHECKPOINT:
+            raise SystemExit(f"no checkpoint at {path}: make one with `python train.py` "
+                             "(about 15 minutes), or pass --checkpoint PATH")
+        raise SystemExit(f"no checkpoint at {path}")
+    try:
+        model, tok, _ = wyrd.load(path)
+    except ValueError as e:  # CheckpointError, TokenizerError
+        raise SystemExit(f"error: {e}") from None
+    if tok is None:
+        raise SystemExit(f"error: {path} holds no tokenizer; save it with wyrd.save(path, model, tokenizer)")
+    if tok.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"error: {path}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                         f"{model.config.vocab_size}")
+    return model, tok
+
+
+def parse_args(argv=None):
+    d = Settings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\nRead top")[0],
+                                epilog=HELP.replace("commands:", "REPL commands:"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help=f"model file (default: {DEFAULT_CHECKPOINT})")
+    p.add_argument("--system", default=DEFAULT_SYSTEM, help=f"system prompt (default: {DEFAULT_SYSTEM!r})")
+    p.add_argument("--prompt", help="answer this one message, print the reply and exit")
+    p.add_argument("--raw", action="store_true", help="continue plain text without the chat template")
+    p.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default: {d.temperature})")
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"0 = off (default: {d.top_k})")
+    p.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default: {d.top_p})")
+    p.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                   help=f"divide positive logits and multiply negative ones of recent tokens; "
+                        f"1 = off (default: {d.repetition_penalty})")
+    p.add_argument("--penalty-window", type=int, default=d.penalty_window,
+                   help=f"recent context tokens the penalty applies to (default: {d.penalty_window})")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"per reply (default: {d.max_tokens})")
+    p.add_argument("--seed", type=int, default=None, help="for reproducible replies (default: random)")
+    p.add_argument("--serve", action="store_true", help="run the local web chat instead of the REPL")
+    p.add_argument("--host", default="127.0.0.1", help="web chat address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=5000, help="web chat port (default: 5000)")
+    args = p.parse_args(argv)
+    try:
+        args.settings = Settings(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                                 args.penalty_window, args.max_tokens, args.seed)
+    except ValueError as e:
+        p.error(str(e).replace("_", "-"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for f in (sys.stdin, sys.stdout, sys.stderr):  # odd bytes in or out never crash a chat
+        with contextlib.suppress(AttributeError, ValueError):
+            f.reconfigure(errors="replace")
+    interactive = sys.stdin.isatty() and args.prompt is None
+    try:
+        model, tok = load_checkpoint(args.checkpoint)
+        if interactive or args.serve:
+            print(f"Wyrd: {args.checkpoint} ({model.num_params() / 1e6:.1f}M parameters, "
+                  f"vocabulary {tok.vocab_size})", file=sys.stderr, flush=True)
+        if args.serve:
+            serve(model, tok, args.settings, args.system, args.host, args.port)
+            return 0
+        try:
+            repl = Repl(model, tok, args.settings, args.system, interactive, args.raw)
+        except ValueError as e:  # a tokenizer without the ChatML tokens
+            raise SystemExit(f"error: {args.checkpoint}: {e}") from None
+        if args.prompt is not None:
+            return 130 if repl.say(args.prompt) else 0
+        repl.run()
+        return 0
+    except KeyboardInterrupt:  # outside a reply (a reply handles its own Ctrl-C)
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `python chat.py ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
