@@ -1,0 +1,268 @@
+"""Training: AdamW, the schedule, clipping, checkpoints, exact resume, the CLI and short real runs (nano)."""
+import wyrd  # first: autograd sets the BLAS/OpenMP thread policy before NumPy loads
+
+import json
+import math
+import os
+import signal
+from dataclasses import fields, replace
+
+import numpy as np
+import pytest
+
+import train
+from autograd import Tensor
+from tokenizer import Tokenizer
+
+# a few steps of everything: evaluation, checkpoints, accumulation
+TINY = train.TrainConfig(steps=6, batch_size=2, grad_accum=2, seq_len=32, lr=3e-3, min_lr=3e-4, warmup=2,
+                         eval_every=3, eval_batches=2, ckpt_every=2, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = train.builtin_stories(300) + [f"{m['role']}\n{m['content']}" for c in train.builtin_chats(200) for m in c]
+    return Tokenizer.train(texts, 400)
+
+
+def log_of(out):
+    with open(train.log_path_of(str(out))) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out):
+    return [(r["phase"], r["step"], r["loss"], r.get("val_loss")) for r in log_of(out)]
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+def test_adamw_matches_a_hand_computed_step():
+    w = Tensor(np.array([[1.0]], dtype=np.float32), requires_grad=True)   # a matrix: decayed
+    b = Tensor(np.array([1.0], dtype=np.float32), requires_grad=True)     # a vector: not decayed
+    opt = train.AdamW([("w", w), ("b", b)], weight_decay=0.5)
+    # step 1: m = 0.2, v = 0.2, m/(1-0.9) = 2, sqrt(v/(1-0.95)) = 2 -> the update is lr * 1
+    # step 2: m = 0.08, v = 0.24, (0.08/0.19) / sqrt(0.24/0.0975) = 0.268369448
+    expected_w = [0.95 - 0.1, 0.85 * 0.95 - 0.1 * 0.268369448]
+    expected_b = [1.0 - 0.1, 0.9 - 0.1 * 0.268369448]
+    for t, g in enumerate((2.0, -1.0)):
+        w.grad = np.full((1, 1), g, dtype=np.float32)
+        b.grad = np.full(1, g, dtype=np.float32)
+        opt.step(lr=0.1)
+        assert w.data[0, 0] == pytest.approx(expected_w[t], abs=1e-6)
+        assert b.data[0] == pytest.approx(expected_b[t], abs=1e-6)
+    assert opt.t == 2 and opt.m["w"][0, 0] == pytest.approx(0.08) and opt.v["b"][0] == pytest.approx(0.24)
+
+
+def test_no_weight_decay_on_norms_biases_lambda_and_h0():
+    model = wyrd.Chimera(wyrd.get_config("nano"))
+    decayed = {n for n, p in model.named_parameters() if train.decays(n, p)}
+    assert "embed_tokens.weight" in decayed and "layers.0.ffn.w1.weight" in decayed
+    assert "layers.2.temporal_mix.q_proj.weight" in decayed
+    for n, p in model.named_parameters():
+        if n.endswith(("norm.weight", "norm1.weight", "norm2.weight", ".bias", "lambda_param", "h0")):
+            assert n not in decayed, n
+    assert len(decayed) == sum(p.data.ndim == 2 for _, p in model.named_parameters())
+
+
+def test_schedule_warms_up_linearly_then_follows_the_cosine():
+    cfg = train.TrainConfig(steps=23, warmup=2, lr=1.0, min_lr=0.1)
+    assert [train.lr_at(s, cfg) for s in (0, 1)] == [0.5, 1.0]
+    assert train.lr_at(2, cfg) == 1.0                       # the cosine starts at the peak
+    assert train.lr_at(12, cfg) == pytest.approx(0.55)      # halfway: (peak + floor) / 2
+    assert train.lr_at(22, cfg) == pytest.approx(0.1)       # the last step reaches the floor
+    lrs = [train.lr_at(s, cfg) for s in range(2, 23)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_clip_grad_norm_scales_to_the_global_norm():
+    a = Tensor(np.zeros(2, dtype=np.float32), requires_grad=True)
+    b = Tensor(np.zeros((1, 1), dtype=np.float32), requires_grad=True)
+    a.grad, b.grad = np.array([3.0, 0.0], dtype=np.float32), np.array([[4.0]], dtype=np.float32)
+    assert train.clip_grad_norm([a, b], 10.0) == pytest.approx(5.0)
+    assert a.grad.tolist() == [3.0, 0.0]                     # under the limit: untouched
+    assert train.clip_grad_norm([a, b], 1.0) == pytest.approx(5.0)
+    assert a.grad == pytest.approx([0.6, 0.0], abs=1e-6) and b.grad[0, 0] == pytest.approx(0.8, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- runs
+
+def test_pretrain_then_finetune_lowers_the_loss_and_writes_clean_checkpoints(tmp_path, tok):
+    cfg = replace(TINY, steps=30, batch_size=8, grad_accum=1, seq_len=64, ckpt_every=100, eval_every=10)
+    out = str(tmp_path / "p.safetensors")
+    model, _, result = train.pretrain(["builtin:300"], out, "nano", cfg=cfg, tok=tok)
+    log = log_of(out)
+    assert [r["step"] for r in log if not r.get("final")] == list(range(1, 31))
+    first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-4:-1]])
+    assert first > math.log(tok.vocab_size) - 0.5 and last < first - 1.0, (first, last)
+    assert result["val_loss"] < first - 1.0 and log[-1]["final"]
+    assert [r["step"] for r in log if "val_loss" in r] == [10, 20, 30]
+    # the model file is a pure spec checkpoint; the optimizer lives beside it
+    tensors, metadata = wyrd.read_safetensors(out)
+    assert set(tensors) == {n for n, _ in model.named_parameters()}
+    assert json.loads(metadata["meta"])["step"] == 30 and "tokenizer" in metadata
+    moments, _ = wyrd.read_safetensors(train.state_path_of(out))
+    assert set(moments) == {p + n for n in tensors for p in ("m.", "v.")}
+
+    ft_out = str(tmp_path / "chat.safetensors")
+    ft = replace(cfg, steps=12, seq_len=128, lr=1e-3, eval_every=0)
+    model2, tok2, r2 = train.finetune(["builtin:120"], out, ft_out, ft)
+    flog = [r for r in log_of(ft_out) if not r.get("final")]
+    assert [r["phase"] for r in flog] == ["finetune"] * 12   # its own log, not the pretrain one
+    assert np.mean([r["loss"] for r in flog[-3:]]) < np.mean([r["loss"] for r in flog[:3]])
+    loaded, loaded_tok, meta = wyrd.load(ft_out)
+    assert loaded_tok.to_json() == tok.to_json() and meta["pretrain"]["val_loss"] == result["val_loss"]
+    assert meta["finetune"]["val_loss"] == r2["val_loss"] and math.isfinite(r2["val_loss"])
+    for n, p in loaded.named_parameters():
+        assert np.array_equal(p.data, dict(model2.named_parameters())[n].data)
+
+
+def test_resume_after_a_kill_is_bit_identical(tmp_path, tok, monkeypatch):
+    ref = str(tmp_path / "ref.safetensors")
+    ref_model = train.pretrain(["builtin:150"], ref, "nano", cfg=TINY, tok=tok)[0]
+
+    out = str(tmp_path / "run.safetensors")
+    calls = []
+    original = train.AdamW.step
+
+    def killed_at_step_5(self, lr):
+        calls.append(lr)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        original(self, lr)
+    monkeypatch.setattr(train.AdamW, "step", killed_at_step_5)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.pretrain(["builtin:150"], out, "nano", cfg=TINY, tok=tok)
+    monkeypatch.undo()
+    assert json.loads(wyrd.read_safetensors(out)[1]["meta"])["step"] == 4   # the last checkpoint
+    assert [r["step"] for r in log_of(out)] == [1, 2, 3, 4]
+
+    model, _, result = train.pretrain(["builtin:150"], out, "nano", cfg=TINY, resume=True)
+    assert losses(out) == losses(ref)           # every loss, bit for bit, and the same log
+    for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
+        assert np.array_equal(p.data, q.data), n
+    m_ref, _ = wyrd.read_safetensors(train.state_path_of(ref))
+    m_run, _ = wyrd.read_safetensors(train.state_path_of(out))
+    assert all(np.array_equal(m_ref[k], m_run[k]) for k in m_ref)
+
+
+def test_ctrl_c_saves_then_resume_continues_exactly(tmp_path, tok, monkeypatch, capsys):
+    cfg = replace(TINY, steps=5, ckpt_every=100)      # no periodic checkpoint: only the Ctrl-C one
+    ref = str(tmp_path / "ref.safetensors")
+    train.pretrain(["builtin:150"], ref, "nano", cfg=cfg, tok=tok)
+
+    out = str(tmp_path / "run.safetensors")
+    original, calls = train.clip_grad_norm, []
+
+    def interrupt_during_step_3(params, max_norm):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(params, max_norm)
+    monkeypatch.setattr(train, "clip_grad_norm", interrupt_during_step_3)
+    result = train.pretrain(["builtin:150"], out, "nano", cfg=cfg, tok=tok)[2]
+    monkeypatch.undo()
+    assert result["interrupted"] and result["step"] == 3
+    assert "--resume" in capsys.readouterr().out
+    assert json.loads(wyrd.read_safetensors(out)[1]["meta"])["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
+
+    assert train.main(["pretrain", "--data", "builtin:150", "--preset", "nano", "--out", out, "--resume"]) == 0
+    assert losses(out) == losses(ref)
+
+
+def test_default_run_resumes_in_the_finetune_phase(tmp_path, tok, monkeypatch):
+    pre = replace(TINY, steps=4, ckpt_every=4)
+    ft = replace(TINY, steps=4, seq_len=128, lr=1e-3)
+    monkeypatch.setattr(train, "train_tokenizer", lambda texts, vocab: tok)  # same vocabulary, faster
+    monkeypatch.setattr(train, "sample_stories", lambda model, tok: ["a story"])
+    kw = dict(preset="nano", pre=pre, ft=ft, stories="builtin:150", chats="builtin:80", check=2)
+    ref = str(tmp_path / "ref" / "wyrd.safetensors")
+    done = train.run_default(ref, **kw)
+    assert 0 <= done["reply_rate"] <= 1 and len(done["replies"]) == 2
+
+    out = str(tmp_path / "run" / "wyrd.safetensors")
+    original, calls = train.AdamW.step, []
+
+    def killed_in_finetune_step_3(self, lr):
+        calls.append(1)
+        if len(calls) == 4 + 3:
+            raise RuntimeError("killed")
+        original(self, lr)
+    monkeypatch.setattr(train.AdamW, "step", killed_in_finetune_step_3)
+    with pytest.raises(RuntimeError):
+        train.run_default(out, **kw)
+    monkeypatch.setattr(train.AdamW, "step", original)
+    assert json.loads(wyrd.read_safetensors(out)[1]["meta"])["phase"] == "finetune"
+    again = train.run_default(out, resume=True, **kw)
+    assert losses(out) == losses(ref)
+    assert [r["phase"] for r in log_of(out)].count("pretrain") == 5   # 4 steps + the final record
+    assert again["meta"]["pretrain"] == done["meta"]["pretrain"] and again["meta"]["story_samples"] == ["a story"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tok, monkeypatch, capsys):
+    tok_path = str(tmp_path / "tokenizer.json")
+    tok.save(tok_path)
+    out = str(tmp_path / "p.safetensors")
+    original, calls = wyrd.Chimera.loss, []
+
+    def nan_at_step_3(self, ids, targets, mask=None):
+        calls.append(1)
+        loss = original(self, ids, targets, mask)
+        if len(calls) == 5:              # the first micro-batch of step 3 (2 per step)
+            loss.data = np.asarray(np.nan, dtype=np.float32)
+        return loss
+    monkeypatch.setattr(wyrd.Chimera, "loss", nan_at_step_3)
+    code = train.main(["pretrain", "--data", "builtin:150", "--preset", "nano", "--tokenizer", tok_path,
+                       "--out", out, "--steps", "6", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "32",
+                       "--ckpt-every", "2", "--eval-every", "0"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "step 3: the loss is nan" in err and out in err
+    meta = json.loads(wyrd.read_safetensors(out)[1]["meta"])
+    assert meta["step"] == 2
+
+
+def test_cli_help_lists_every_flag_with_its_default(capsys):
+    for command, defaults in (("pretrain", train.PRETRAIN), ("finetune", train.FINETUNE)):
+        with pytest.raises(SystemExit) as e:
+            train.main([command, "--help"])
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        for f in fields(train.TrainConfig):
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in text and f"(default: {getattr(defaults, f.name)})" in text, flag
+        for flag in ("--data", "--out", "--resume", "(default: builtin)"):
+            assert flag in text
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(c in text for c in ("pretrain", "finetune", "convert", "download"))
+
+
+def test_cli_errors_name_the_problem(tmp_path, tok, capsys):
+    bad = tmp_path / "stories.csv"
+    bad.write_text("a,b\n")
+    assert train.main(["pretrain", "--data", str(bad), "--preset", "nano", "--seq-len", "32",
+                       "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "stories.csv: unrecognised story file" in capsys.readouterr().err
+    assert train.main(["finetune", "--data", "builtin:20", "--out", str(tmp_path / "y.safetensors")]) == 2
+    assert "--init" in capsys.readouterr().err
+    out = str(tmp_path / "p.safetensors")
+    assert train.main(["pretrain", "--preset", "nano", "--out", out, "--resume"]) == 2
+    assert "no training state to resume" in capsys.readouterr().err
+    train.pretrain(["builtin:150"], out, "nano", cfg=replace(TINY, steps=2), tok=tok)
+    assert train.main(["pretrain", "--data", "builtin:150", "--preset", "nano", "--out", out, "--resume",
+                       "--lr", "0.5"]) == 2
+    assert "--lr 0.5 differs from the saved run's 0.003" in capsys.readouterr().err
+    assert train.main(["pretrain", "--data", "builtin:151", "--preset", "nano", "--out", out, "--resume"]) == 2
+    assert "data or tokenizer differ" in capsys.readouterr().err
+    assert train.main(["pretrain", "--preset", "nano", "--seq-len", "4096", "--out", out]) == 2
+    assert "exceeds the model's max_seq_len 128" in capsys.readouterr().err
+
+
+def test_download_without_a_network_fails_clearly(tmp_path, monkeypatch, capsys):
+    def offline(*a, **k):
+        raise train.urllib.error.URLError("no network")
+    monkeypatch.setattr(train.urllib.request, "urlopen", offline)
+    assert train.main(["download", "oasst", "--dir", str(tmp_path)]) == 2
+    assert "cannot download" in capsys.readouterr().err and os.listdir(tmp_path) == []
