@@ -1,0 +1,228 @@
+# %% [markdown]
+# # Train a tiny Wyrd
+#
+# The whole recipe of `python train.py`, scaled down to a few minutes of CPU:
+#
+# 1. a byte-level BPE tokenizer trained on the built-in stories and chats;
+# 2. **pretraining** on stories (next-token prediction on every token);
+# 3. **fine-tuning** on ChatML conversations, where the loss is taken only on
+#    the assistant's tokens and its closing `<|im_end|>`.
+#
+# We use the public functions of `train.py` (`pretrain`, `finetune`,
+# `sample_stories`, `reply_check`), read the JSONL logs they write, and look
+# at samples before and after each phase.
+
+# %%
+import os
+import sys
+
+# this folder: from __file__ as a script; as a notebook, the working folder (docs/ or the repo root)
+HERE = (os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else
+        next(d for d in (os.getcwd(), os.path.join(os.getcwd(), "docs")) if os.path.exists(os.path.join(d, "svg.py"))))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # docs/ (svg, report) and the repo root (wyrd, train)
+
+import itertools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import autograd  # noqa: E402, F401  (before NumPy: it sets the BLAS/OpenMP thread policy)
+import numpy as np  # noqa: E402
+
+import report  # noqa: E402
+import svg  # noqa: E402
+import train  # noqa: E402
+import wyrd  # noqa: E402
+
+args = report.parse_args("Train a tiny Wyrd: loss curves of pretraining and fine-tuning, samples before and after.")
+rep = report.Report(args, "03_train_tiny", "Train a tiny Wyrd")
+quick = args.quick
+
+PRESET = "nano" if quick else "tiny"
+STORIES, CHATS = ("builtin:400", "builtin:300") if quick else ("builtin:10000", "builtin:4000")
+PRE = replace(train.PRETRAIN, steps=12 if quick else 450, batch_size=8,
+              seq_len=64 if quick else 256, warmup=3 if quick else 20,
+              eval_every=4 if quick else 25, eval_batches=2 if quick else 6, ckpt_every=10 ** 9,
+              log_every=4 if quick else 25)
+FT = replace(train.FINETUNE, steps=8 if quick else 100, batch_size=8,
+             seq_len=96 if quick else 384, warmup=2 if quick else 10,
+             eval_every=4 if quick else 10, eval_batches=2 if quick else 6, ckpt_every=10 ** 9,
+             log_every=4 if quick else 20)
+N_SAMPLES, MAX_NEW = (2, 24) if quick else (3, 160)
+N_CHATS, CHAT_NEW = (3, 16) if quick else (20, 120)
+work = tempfile.mkdtemp(prefix="wyrd-train-tiny-")
+
+# %% [markdown]
+# ## The tokenizer
+#
+# One vocabulary for stories and ChatML: it is trained on both, with the role
+# names as ChatML writes them ("user\n..."), as `train.run_default` does.
+
+# %%
+t0 = time.time()
+texts = itertools.chain(train.tokenizer_texts([STORIES]), train.tokenizer_texts([CHATS], chat=True))
+tok = train.train_tokenizer(texts, wyrd.get_config(PRESET).vocab_size)
+print(tok, f"{time.time() - t0:.1f}s")
+
+# %% [markdown]
+# ## Before training
+#
+# The untrained model (the same seed `pretrain` will use) is a uniform guesser:
+# its loss is close to ln(vocab size) and its samples are random tokens.
+
+# %%
+config = replace(wyrd.get_config(PRESET), vocab_size=tok.vocab_size)
+untrained = wyrd.Chimera(config, seed=PRE.seed)
+train_tok, val_tok, _ = train.load_tokens([STORIES], tok, work)
+story_val = train.Rows.stream(val_tok, PRE.seq_len, tok.eot_id)
+loss_before = train.evaluate(untrained, story_val, PRE)
+# the loss of a model that knows token frequencies but ignores context: the unigram entropy
+counts = np.bincount(np.asarray(train_tok[:, 0]), minlength=tok.vocab_size)
+p = counts[counts > 0] / counts.sum()
+unigram = float(-(p * np.log(p)).sum())
+stories_before = train.sample_stories(untrained, tok, n=N_SAMPLES, max_new=MAX_NEW)
+print(f"untrained held-out loss {loss_before:.3f} (ln V = {math.log(tok.vocab_size):.3f}, "
+      f"unigram entropy {unigram:.3f})")
+print(stories_before[0][:200])
+
+# %% [markdown]
+# ## Pretraining
+#
+# `train.pretrain` packs the stories into one token stream, cuts it into rows of
+# `seq_len + 1` tokens, and runs AdamW with warmup and a cosine schedule. It logs
+# every step to a JSONL file beside the checkpoint (`train.log_path_of`).
+
+# %%
+out_pre = os.path.join(work, "pretrain.safetensors")
+t0 = time.time()
+model, tok, pre = train.pretrain([STORIES], out_pre, PRESET, cfg=PRE, tok=tok)
+pre_time = time.time() - t0
+stories_after = train.sample_stories(model, tok, n=N_SAMPLES, max_new=MAX_NEW)
+print(f"pretraining: {pre_time:.0f}s, held-out {pre['val_loss']:.3f}")
+print(stories_after[0])
+
+# %% [markdown]
+# ## Fine-tuning on conversations
+#
+# Before fine-tuning, we ask the pretrained model the first user turn of held-out
+# conversations (`train.reply_check`): it has never seen ChatML, so it rarely
+# closes its reply with `<|im_end|>`. `train.finetune` then trains on packed
+# conversations with the assistant-only loss mask.
+
+# %%
+chat_train, chat_val_tok, _ = train.load_tokens([CHATS], tok, work, chat=True)
+chat_val = train.Rows.packed(chat_val_tok, FT.seq_len, tok.eot_id)
+chat_loss_before = train.evaluate(model, chat_val, FT)
+rate_before, replies_before = train.reply_check(model, tok, n=N_CHATS, max_new=CHAT_NEW)
+
+out_ft = os.path.join(work, "chat.safetensors")
+t0 = time.time()
+model, tok, ft = train.finetune([CHATS], None, out_ft, FT, model=model, tok=tok, meta=pre["meta"])
+ft_time = time.time() - t0
+rate_after, replies_after = train.reply_check(model, tok, n=N_CHATS, max_new=CHAT_NEW)
+print(f"fine-tuning: {ft_time:.0f}s, held-out {ft['val_loss']:.3f}; replies ending with <|im_end|>: "
+      f"{rate_before:.0%} before, {rate_after:.0%} after")
+
+# %% [markdown]
+# ## Loss curves
+#
+# The logs hold the training loss of every step, the held-out loss every
+# `eval_every` steps, and a final record with both losses of the final model.
+
+
+# %%
+def read_log(out):
+    with open(train.log_path_of(out), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    steps = [r for r in records if not r.get("final")]
+    return steps, [r for r in records if r.get("final")][-1]
+
+
+def curves(records, final, val_start):
+    return [{"label": "train (per step)", "x": [r["step"] for r in records], "y": [r["loss"] for r in records],
+             "width": 1.2},
+            {"label": "held-out", "x": [0] + [r["step"] for r in records if "val_loss" in r] + [final["step"]],
+             "y": [val_start] + [r["val_loss"] for r in records if "val_loss" in r] + [final["val_loss"]],
+             "marker": True}]
+
+
+pre_log, pre_final = read_log(out_pre)
+ft_log, ft_final = read_log(out_ft)
+tok_s = {"pretrain": pre_log[-1]["tokens_per_s"], "finetune": ft_log[-1]["tokens_per_s"]}
+
+rep.md(f"""
+The recipe of `python train.py` scaled down to minutes: a `{PRESET}` model ({model.num_params():,}
+parameters: d_model {config.d_model}, {config.n_layers} layers, attention every
+{config.attention_every_n}rd, window {config.sliding_window}), a {tok.vocab_size}-token BPE
+trained on the built-in stories and chats, then `train.pretrain` and `train.finetune`.
+
+| phase | data | steps x batch x length | tokens | lr (peak → floor) | wall time | tokens/s |
+|---|---|---|---|---|---|---|
+| pretraining | `{STORIES}` stories | {PRE.steps} x {PRE.batch_size} x {PRE.seq_len} | {PRE.steps * PRE.batch_size * PRE.seq_len:,} | {PRE.lr:g} → {PRE.min_lr:g} | {pre_time:.0f} s | {tok_s['pretrain']:,.0f} |
+| fine-tuning | `{CHATS}` chats | {FT.steps} x {FT.batch_size} x {FT.seq_len} | {FT.steps * FT.batch_size * FT.seq_len:,} | {FT.lr:g} → {FT.min_lr:g} | {ft_time:.0f} s | {tok_s['finetune']:,.0f} |
+
+## Pretraining
+
+Cross-entropy in nats per token. Held-out = the last 5% of the stories, never
+trained on. Two reference lines: ln(vocab) = {math.log(tok.vocab_size):.2f}, the loss of a uniform
+guess, and the unigram entropy of the training tokens, {unigram:.2f}: the loss of a model
+that knows how often each token occurs but ignores the context. The model gets there
+within a few dozen steps and may sit on that plateau for a while before it starts
+using the context; everything below the line is learned from the context.
+""")
+rep.figure("03_pretrain_loss.svg", svg.line_plot(
+    None, curves(pre_log, pre_final, loss_before), title="Pretraining on stories", xlabel="optimizer step",
+    ylabel="loss (nats/token)", hlines=[(math.log(tok.vocab_size), "uniform guess"),
+                                        (unigram, "unigram entropy")]), "pretraining loss")
+rep.md("""
+## Fine-tuning
+
+Loss on assistant tokens only (everything else is masked out). Step 0 is the
+pretrained model, which has never seen the ChatML template.
+""")
+rep.figure("03_finetune_loss.svg", svg.line_plot(
+    None, curves(ft_log, ft_final, chat_loss_before), title="Fine-tuning on conversations (assistant tokens)",
+    xlabel="optimizer step", ylabel="loss (nats/token)"), "fine-tuning loss")
+rep.table(["", "before", "after: train", "after: held-out"],
+          [["pretraining (stories)", loss_before, pre_final["train_loss"], pre_final["val_loss"]],
+           ["fine-tuning (assistant tokens)", chat_loss_before, ft_final["train_loss"], ft_final["val_loss"]],
+           ["replies that end with <\\|im_end\\|>", f"{rate_before:.0%}", "", f"{rate_after:.0%} of {N_CHATS}"]])
+rep.record(loss_before=loss_before, pretrain_train_loss=pre_final["train_loss"],
+           pretrain_val_loss=pre_final["val_loss"], chat_loss_before=chat_loss_before,
+           finetune_train_loss=ft_final["train_loss"], finetune_val_loss=ft_final["val_loss"],
+           reply_rate_before=rate_before, reply_rate_after=rate_after, ln_vocab=math.log(tok.vocab_size),
+           unigram_entropy=unigram,
+           pretrain_seconds=pre_time, finetune_seconds=ft_time, tokens_per_s=tok_s, params=model.num_params())
+
+
+# %% [markdown]
+# ## Samples
+#
+# Stories start from "Once upon a time" and friends (`train.sample_stories`);
+# chat replies answer the first user turn of held-out conversations
+# (`train.reply_check`). Both sample with chat.py's default settings.
+
+
+# %%
+def quote(text):
+    return "```text\n" + text.strip().replace("```", "'''") + "\n```"
+
+
+rep.md("""
+## Samples
+
+Sampled with chat.py's default settings (`train.sample_stories` for stories,
+`train.reply_check` for the first user turn of held-out conversations).
+
+### Stories before pretraining (untrained model)""")
+rep.md(quote(stories_before[0][:300] + " ..."))
+rep.md("### Stories after pretraining")
+for s in stories_after:
+    rep.md(quote(s))
+rep.md("### Chat replies before and after fine-tuning")
+for (prompt, before), (_, after) in list(zip(replies_before, replies_after))[:3]:
+    user = [m["content"] for m in prompt if m["role"] == "user"][-1]
+    rep.md(f"**user:** {user}\n\n*pretrained only:*\n{quote(before)}\n*fine-tuned:*\n{quote(after)}")
+rep.save()
