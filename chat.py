@@ -642,7 +642,7 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         if path == DEFAULT_CHECKPOINT:
             raise SystemExit(f"no checkpoint at {path}: make one with `python train.py` "
-                             "(about 15 minutes), or pass --checkpoint PATH")
+                             "(about 10 minutes on 2 cores), or pass --checkpoint PATH")
         raise SystemExit(f"no checkpoint at {path}")
     try:
         model, tok, _ = wyrd.load(path)

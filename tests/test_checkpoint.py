@@ -1,5 +1,5 @@
 """Tests of the checkpoint format (safetensors), the config and the parameter
-names and counts of the spec (../shared/spec/chimera.md)."""
+names and counts of the spec (the Chimera spec, spec/chimera.md)."""
 import json
 import math
 import os
