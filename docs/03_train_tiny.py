@@ -174,8 +174,8 @@ using the context; everything below the line is learned from the context.
 """)
 rep.figure("03_pretrain_loss.svg", svg.line_plot(
     None, curves(pre_log, pre_final, loss_before), title="Pretraining on stories", xlabel="optimizer step",
-    ylabel="loss (nats/token)", hlines=[(math.log(tok.vocab_size), "uniform guess"),
-                                        (unigram, "unigram entropy")]), "pretraining loss")
+    ylabel="loss (nats/token)", legend="bottom left",
+    hlines=[(math.log(tok.vocab_size), "uniform guess"), (unigram, "unigram entropy")]), "pretraining loss")
 rep.md("""
 ## Fine-tuning
 
@@ -184,7 +184,7 @@ pretrained model, which has never seen the ChatML template.
 """)
 rep.figure("03_finetune_loss.svg", svg.line_plot(
     None, curves(ft_log, ft_final, chat_loss_before), title="Fine-tuning on conversations (assistant tokens)",
-    xlabel="optimizer step", ylabel="loss (nats/token)"), "fine-tuning loss")
+    xlabel="optimizer step", ylabel="loss (nats/token)", legend="bottom left"), "fine-tuning loss")
 rep.table(["", "before", "after: train", "after: held-out"],
           [["pretraining (stories)", loss_before, pre_final["train_loss"], pre_final["val_loss"]],
            ["fine-tuning (assistant tokens)", chat_loss_before, ft_final["train_loss"], ft_final["val_loss"]],
