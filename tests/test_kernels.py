@@ -143,29 +143,26 @@ CASES = [  # B, T, H, KV, D, W: T < W, T = W, T > 3W, KV < H, KV = H, batch > 1
 ]
 
 
-@pytest.mark.parametrize("B,T,H,KV,D,W", CASES)
-def test_attention_matches_numpy(B, T, H, KV, D, W):
-    q, k, v = randn(B, T, H, D), randn(B, T, KV, D), randn(B, T, KV, D)
+def check_attention_against_numpy(q, k, v, W):
+    """Kernel forward and backward (random upstream gradient) equal the dense NumPy twin."""
     tq, tk, tv = (Tensor(x, requires_grad=True) for x in (q, k, v))
     out = window_attention(tq, tk, tv, W)
     np.testing.assert_allclose(out.data, attention_ref(q, k, v, W)[0], rtol=0, atol=1e-10)
-    g = randn(B, T, H, D)
+    g = randn(*q.shape)
     out.backward(g)
     for got, want in zip((tq.grad, tk.grad, tv.grad), attention_backward_ref(q, k, v, W, g)):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("B,T,H,KV,D,W", CASES)
+def test_attention_matches_numpy(B, T, H, KV, D, W):
+    check_attention_against_numpy(randn(B, T, H, D), randn(B, T, KV, D), randn(B, T, KV, D), W)
 
 
 def test_attention_queries_after_cached_keys():
     """Decoding feeds Tq new queries against Tk >= Tq keys (cache first)."""
     B, Tq, Tk, H, KV, D, W = 2, 3, 10, 4, 2, 4, 5
-    q, k, v = randn(B, Tq, H, D), randn(B, Tk, KV, D), randn(B, Tk, KV, D)
-    tq, tk, tv = (Tensor(x, requires_grad=True) for x in (q, k, v))
-    out = window_attention(tq, tk, tv, W)
-    np.testing.assert_allclose(out.data, attention_ref(q, k, v, W)[0], rtol=0, atol=1e-10)
-    g = randn(B, Tq, H, D)
-    out.backward(g)
-    for got, want in zip((tq.grad, tk.grad, tv.grad), attention_backward_ref(q, k, v, W, g)):
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+    check_attention_against_numpy(randn(B, Tq, H, D), randn(B, Tk, KV, D), randn(B, Tk, KV, D), W)
 
 
 @pytest.mark.parametrize("B,T,H,KV,D,W", CASES)
