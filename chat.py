@@ -27,14 +27,21 @@ Ctrl-C, a web client gone) is closed with <|im_end|>\\n, so the state always
 holds exactly the ChatML text of the transcript. The cost of a turn does not
 grow with the length of the conversation, and neither does memory.
 """
-import wyrd  # noqa: F401  (first: autograd sets the BLAS/OpenMP thread policy before NumPy loads)
+import os
+
+# Decoding runs ~110 small matrix-vector products per token with no Numba work
+# between them (wyrd.serial_kernels), so BLAS threads should stay awake between
+# calls (~0.3 ms of spinning) rather than sleep and be woken each time, as
+# training wants: medium decoding measured ~12% faster. Set before NumPy loads.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
+import wyrd  # noqa: F401  (autograd sets the rest of the thread policy before NumPy loads)
 
 import argparse
 import contextlib
 import dataclasses
 import http.cookies
 import json
-import os
 import secrets
 import signal
 import sys

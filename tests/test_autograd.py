@@ -335,6 +335,10 @@ def test_sigmoid_value_and_no_overflow_warnings():
     exact = np.exp(-np.logaddexp(0.0, -x))
     np.testing.assert_allclose(Tensor(x).sigmoid().data, exact, rtol=0, atol=1e-15)
     np.testing.assert_allclose(Tensor(x.astype(np.float32)).sigmoid().data, exact, rtol=0, atol=1.5e-7)
+    # a 0-d input, and a non-contiguous one, keep their shapes
+    assert Tensor(np.array(2.0)).sigmoid().data == pytest.approx(1 / (1 + np.exp(-2.0)), rel=1e-14)
+    xt = rand(4, 6).T
+    np.testing.assert_allclose(Tensor(xt).sigmoid().data, 1 / (1 + np.exp(-xt)), rtol=1e-13)
 
 
 # ---------------------------------------------------------------------------
