@@ -512,12 +512,12 @@ def cross_entropy(logits, targets, mask=None):
     count = m.sum()
     if count == 0:
         raise ValueError("cross_entropy: every target is masked out, the mean is undefined")
-    e, zmax = np.empty_like(z), np.empty(n_rows, z.dtype)
-    shift_rows_kernel(np.ascontiguousarray(z), e, zmax)
+    zmax = z.max(axis=1, keepdims=True)
+    e = z - zmax
     np.exp(e, out=e)                      # kept for the backward: softmax = e / sum(e)
     total = e.sum(axis=1)
     rows = np.arange(n_rows)
-    loss = np.sum(m * (zmax + np.log(total) - z[rows, targets])) / count
+    loss = np.sum(m * (zmax[:, 0] + np.log(total) - z[rows, targets])) / count
 
     def backward(g):
         p = e  # the forward's exponentials become the gradient in place (used once)
@@ -525,19 +525,6 @@ def cross_entropy(logits, targets, mask=None):
         p[rows, targets] -= g * m / count
         logits._acc(p)
     return Tensor.make(np.asarray(loss, dtype=z.dtype), (logits,), backward)
-
-
-@njit(parallel=True, cache=True, fastmath=FAST)
-def shift_rows_kernel(z, e, zmax):
-    """zmax = the max of each row of z [N, V], e = z - zmax: exp(e) cannot overflow."""
-    N, V = z.shape
-    for i in prange(N):
-        m = z[i, 0]
-        for j in range(1, V):
-            m = max(m, z[i, j])
-        zmax[i] = m
-        for j in range(V):
-            e[i, j] = z[i, j] - m
 
 
 # -- gradient checking ---------------------------------------------------------

@@ -7,11 +7,11 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from autograd import Tensor  # noqa: E402
+from autograd import Tensor  # noqa: E402  (first: the thread policy must be set before NumPy loads)
 from wyrd import rglru_scan, window_attention  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 
 def best_of(fn, repeat=5):
