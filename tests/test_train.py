@@ -53,6 +53,30 @@ def test_adamw_matches_a_hand_computed_step():
     assert opt.t == 2 and opt.m["w"][0, 0] == pytest.approx(0.08) and opt.v["b"][0] == pytest.approx(0.24)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adamw_kernel_matches_the_numpy_formula(dtype):
+    rng = np.random.default_rng(0)
+    p, g, m = (rng.standard_normal(1000).astype(dtype) for _ in range(3))
+    v = rng.uniform(0, 2, 1000).astype(dtype)
+    b1, b2, lr, wd, eps, t = 0.9, 0.95, 3e-3, 0.1, 1e-8, 7
+    bias1, bias2 = 1 - b1 ** t, 1 - b2 ** t
+    m_ref = b1 * m + (1 - b1) * g                                  # the plain NumPy AdamW step
+    v_ref = b2 * v + (1 - b2) * g * g
+    p_ref = p * (1 - lr * wd) - (lr / bias1) * m_ref / (np.sqrt(v_ref) / np.sqrt(bias2) + eps)
+    f = np.dtype(dtype).type
+    train.adamw_kernel(p, g, m, v, f(b1), f(b2), f(1 - lr * wd), f(lr / bias1), f(np.sqrt(bias2)), f(eps))
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(m, m_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(v, v_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(p, p_ref, rtol=tol, atol=tol)
+
+
+def test_sum_squares_accumulates_in_float64():
+    x = np.random.default_rng(1).standard_normal(100_003).astype(np.float32) * 1e3
+    assert train.sum_squares(x) == pytest.approx(float(np.sum(x.astype(np.float64) ** 2)), rel=1e-12)
+    assert train.sum_squares(np.zeros(0, np.float32)) == 0.0
+
+
 def test_no_weight_decay_on_norms_biases_lambda_and_h0():
     model = wyrd.Chimera(wyrd.get_config("nano"))
     decayed = {n for n, p in model.named_parameters() if train.decays(n, p)}
