@@ -521,9 +521,16 @@ class LocalAttention(Module):
         then store the newest ones. The ring buffer [B, KV, W, D] keeps position p
         in slot p % W, so its memory is the same at position 10 and at 100,000."""
         W, T = self.window, k.shape[1]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [B, KV, T, D], as the ring holds them
+        if T == 1 and pos0 >= W - 1:
+            # One token and a full ring: once it is stored, the ring holds exactly the W keys
+            # the token attends to, and attention does not care about their order (each key
+            # carries its position in its RoPE rotation), so it reads the ring in place.
+            cache["k"][:, :, pos0 % W] = k[:, :, 0]
+            cache["v"][:, :, pos0 % W] = v[:, :, 0]
+            return Tensor(cache["k"].transpose(0, 2, 1, 3)), Tensor(cache["v"].transpose(0, 2, 1, 3))
         past = min(pos0, W - 1)  # a query sees itself and W - 1 earlier keys
         positions = pos0 - past + np.arange(past)                        # their slots: positions % W
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [B, KV, T, D], as the ring holds them
         k_all = np.concatenate([np.take(cache["k"], positions, axis=2, mode="wrap"), k], axis=2)
         v_all = np.concatenate([np.take(cache["v"], positions, axis=2, mode="wrap"), v], axis=2)
         keep = min(T, W)
