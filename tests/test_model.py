@@ -93,6 +93,27 @@ def test_decoding_state_is_constant_size_and_copyable():
     assert not np.allclose(a, b)
 
 
+def test_decoding_runs_kernels_on_one_thread_and_restores_the_count():
+    import numba
+
+    import wyrd
+    m = Chimera(NANO)
+    before = numba.get_num_threads()
+    seen = []
+    real = wyrd.rglru_scan
+    try:
+        wyrd.rglru_scan = lambda *a: (seen.append(numba.get_num_threads()), real(*a))[1]
+        state = m.init_state(1)
+        m.step(np.zeros((1, 1), np.int64), state)               # one token: serial kernels
+        m.step(np.zeros((1, wyrd.SERIAL_ROWS + 1), np.int64), state)  # a long chunk: all threads
+        with pytest.raises(ValueError):
+            m.step(np.full((1, 1), NANO.vocab_size), state)       # an error inside still restores
+    finally:
+        wyrd.rglru_scan = real
+    assert seen[0] == 1 and seen[-1] == before
+    assert numba.get_num_threads() == before
+
+
 def test_whole_model_gradcheck():
     """Loss against float64 central differences for a sample of entries of every parameter."""
     cfg = dataclasses.replace(NANO, vocab_size=40, sliding_window=4)
