@@ -1,7 +1,7 @@
 """Train Wyrd: data, tokenizer, pretraining, chat fine-tuning, checkpoints, exact resume.
 
     python train.py                       # everything, offline: tokenizer, pretrain and fine-tune on
-                                          # the built-in corpus -> out/wyrd.safetensors (about 10 min)
+                                          # the built-in corpus -> out/wyrd.safetensors (about 8 min)
     python train.py pretrain --data TinyStoriesV2-GPT4-train.txt --preset tiny --out out/ts.safetensors
     python train.py finetune --data oasst.trees.jsonl.gz builtin --init out/ts.safetensors --out out/chat.safetensors
     python train.py pretrain ... --resume # continue a stopped run from its last checkpoint, bit for bit
