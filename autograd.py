@@ -40,8 +40,10 @@ def _keep_freed_memory():
     except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl, Windows)
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+    # glibc before 2.35ish caps the mmap threshold at 32 MiB; fixing the trim threshold
+    # alone would freeze malloc's own adaptive thresholds and make things worse
+    if mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20):
+        mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
 
 
 _keep_freed_memory()
@@ -53,6 +55,10 @@ _grad_enabled = True
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the loops,
 # but infinities must keep their meaning.
 FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+def is_grad_enabled():
+    return _grad_enabled
 
 
 @contextlib.contextmanager
@@ -337,8 +343,8 @@ class Tensor:
 
 
 def sigmoid(x):
-    """Logistic of a NumPy array as 0.5 tanh(x/2) + 0.5: NumPy's SIMD tanh (Numba's
-    scalar exp is 4x slower), and unlike 1/(1+exp(-x)) it cannot overflow."""
+    """Logistic of a float NumPy array as 0.5 tanh(x/2) + 0.5: NumPy's SIMD tanh
+    (Numba's scalar exp is 4x slower), and unlike 1/(1+exp(-x)) it cannot overflow."""
     y = np.empty(np.shape(x), x.dtype)
     np.multiply(x, 0.5, out=y)
     np.tanh(y, out=y)
@@ -349,8 +355,9 @@ def sigmoid(x):
 @njit(parallel=True, cache=True, fastmath=FAST)
 def half_plus_half(y):
     """y = 0.5 y + 0.5 in place, on all cores (NumPy would take two passes on one)."""
+    half = y.dtype.type(0.5)  # a float64 literal would promote float32 work to float64
     for i in prange(y.size):
-        y[i] = 0.5 * y[i] + 0.5
+        y[i] = half * y[i] + half
 
 
 # -- joining and splitting ------------------------------------------------------

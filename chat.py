@@ -29,10 +29,10 @@ grow with the length of the conversation, and neither does memory.
 """
 import os
 
-# Decoding runs ~110 small matrix-vector products per token with no Numba work
-# between them (wyrd.serial_kernels), so BLAS threads should stay awake between
-# calls (~0.3 ms of spinning) rather than sleep and be woken each time, as
-# training wants: medium decoding measured ~12% faster. Set before NumPy loads.
+# Decoding runs ~110 small matrix-vector products per token, and between them only
+# small kernels on the calling thread (wyrd.serial_kernels), so BLAS threads should
+# stay awake between calls (~0.3 ms of spinning) rather than sleep and be woken each
+# time, as training wants: medium decoding measured ~12% faster. Set before NumPy loads.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 import wyrd  # noqa: F401  (autograd sets the rest of the thread policy before NumPy loads)
@@ -649,7 +649,7 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         if path == DEFAULT_CHECKPOINT:
             raise SystemExit(f"no checkpoint at {path}: make one with `python train.py` "
-                             "(about 10 minutes on 2 cores), or pass --checkpoint PATH")
+                             "(about 8 minutes on 2 cores), or pass --checkpoint PATH")
         raise SystemExit(f"no checkpoint at {path}")
     try:
         model, tok, _ = wyrd.load(path)

@@ -1134,23 +1134,23 @@ class AdamW:
             if p.grad is None:
                 continue
             if not p.data.flags.c_contiguous:  # the kernel updates a flat view in place
-                p.data = np.ascontiguousarray(p.data)
+                raise ValueError(f"AdamW: parameter {name} is not C-contiguous; update its data in place")
             decay = 1 - lr * self.weight_decay if decays(name, p) else 1.0
             f = p.data.dtype.type  # scalars in the parameters' precision: float32 stays SIMD
             adamw_kernel(p.data.reshape(-1), np.ascontiguousarray(p.grad).reshape(-1),
-                         self.m[name].reshape(-1), self.v[name].reshape(-1),
-                         f(b1), f(b2), f(decay), f(lr / bias1), f(math.sqrt(bias2)), f(self.eps))
+                         self.m[name].reshape(-1), self.v[name].reshape(-1), f(b1), f(1 - b1),
+                         f(b2), f(1 - b2), f(decay), f(lr / bias1), f(math.sqrt(bias2)), f(self.eps))
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def adamw_kernel(p, g, m, v, b1, b2, decay, step, sqrt_bias2, eps):
+def adamw_kernel(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, decay, step, sqrt_bias2, eps):
     """One AdamW step over flat arrays in a single pass (NumPy would take ~14):
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
     p = p decay - step m / (sqrt(v) / sqrt_bias2 + eps), with decay = 1 - lr wd
     and step = lr / (1 - b1^t): torch.optim.AdamW's update."""
     for i in prange(p.size):
-        m[i] = b1 * m[i] + (1 - b1) * g[i]
-        v[i] = b2 * v[i] + (1 - b2) * g[i] * g[i]
+        m[i] = b1 * m[i] + one_minus_b1 * g[i]
+        v[i] = b2 * v[i] + one_minus_b2 * g[i] * g[i]
         p[i] = p[i] * decay - step * m[i] / (math.sqrt(v[i]) / sqrt_bias2 + eps)
 
 

@@ -16,7 +16,8 @@ import math
 import os
 from dataclasses import asdict, dataclass, fields
 
-from autograd import FAST, N_PARTIAL, Tensor, cross_entropy, embedding, linear, no_grad, rmsnorm, sigmoid, swiglu  # before numpy: thread policy
+from autograd import (FAST, N_PARTIAL, Tensor, cross_entropy, embedding, is_grad_enabled, linear,  # before numpy:
+                      no_grad, rmsnorm, sigmoid, swiglu)                                   # thread policy
 
 import numpy as np
 import numba
@@ -325,7 +326,7 @@ def rope(x, cos, sin):
     rope_kernel(xd, cos, sin, y)
 
     def backward(g):  # the inverse rotation
-        gx = np.empty_like(g)
+        gx = np.empty(g.shape, g.dtype)
         rope_kernel(np.ascontiguousarray(g), cos, -sin, gx)
         x._acc(gx)
     return Tensor.make(y, (x,), backward)
@@ -517,15 +518,18 @@ class LocalAttention(Module):
         return self.o_proj(o.reshape(B, T, H * D))
 
     def _use_ring(self, cache, pos0, k, v):
-        """Decoding: prepend the cached past keys/values a new query can still see,
-        then store the newest ones. The ring buffer [B, KV, W, D] keeps position p
-        in slot p % W, so its memory is the same at position 10 and at 100,000."""
+        """Decoding: the keys/values the new queries attend to, and the ring updated
+        with the newest ones. The ring buffer [B, KV, W, D] keeps position p in slot
+        p % W, so its memory is the same at position 10 and at 100,000. In general
+        the cached past is prepended to the new keys; one token after a full ring
+        is stored first and then reads the ring as it lies."""
         W, T = self.window, k.shape[1]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [B, KV, T, D], as the ring holds them
-        if T == 1 and pos0 >= W - 1:
+        if T == 1 and pos0 >= W - 1 and not is_grad_enabled():
             # One token and a full ring: once it is stored, the ring holds exactly the W keys
             # the token attends to, and attention does not care about their order (each key
-            # carries its position in its RoPE rotation), so it reads the ring in place.
+            # carries its position in its RoPE rotation), so it reads the ring in place
+            # (without a graph only: a backward would see the ring after later steps).
             cache["k"][:, :, pos0 % W] = k[:, :, 0]
             cache["v"][:, :, pos0 % W] = v[:, :, 0]
             return Tensor(cache["k"].transpose(0, 2, 1, 3)), Tensor(cache["v"].transpose(0, 2, 1, 3))

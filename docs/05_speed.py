@@ -71,6 +71,7 @@ m = rng.standard_normal((4096 if quick else 8192, 4096), dtype=np.float32)
 v = rng.standard_normal(4096, dtype=np.float32)
 matvec_gbps = m.nbytes / best_of(lambda: m @ v, 10) / 1e9
 blas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
+m_mb = m.nbytes / 1e6
 del a, b, m
 print(f"float32 matmul {matmul_gflops:.1f} GFLOP/s, matvec {matvec_gbps:.1f} GB/s on {os.cpu_count()} cores")
 rep.md(f"""
@@ -79,11 +80,14 @@ rep.md(f"""
 | measurement | rate |
 |---|---|
 | float32 matmul, {n} x {n} (NumPy/BLAS) | **{matmul_gflops:.1f} GFLOP/s** |
-| float32 matrix-vector (bandwidth of reading the matrix) | **{matvec_gbps:.1f} GB/s** |
+| float32 matrix-vector, {m_mb:.0f} MB matrix (bandwidth of reading it) | **{matvec_gbps:.1f} GB/s** |
 | threads: Numba (`NUMBA_NUM_THREADS`), BLAS (`OPENBLAS_NUM_THREADS`) | {numba.get_num_threads()}, {blas_threads} |
 
 Every rate below is relative to this run's threads: on a machine shared with other
 jobs, one thread each is often faster than waiting for a descheduled second one.
+This matrix, like `tiny`'s 24 MB of weights (section 4), may fit in a large
+last-level cache, and then this is the cache's rate rather than main memory's;
+`bench/bench_model.py` bounds `medium` (0.9 GB of weights) with a 1 GB matrix instead.
 """)
 rep.record(matmul_gflops=matmul_gflops, matvec_gbps=matvec_gbps, cores=os.cpu_count(),
            numba_threads=numba.get_num_threads(), blas_threads=blas_threads)

@@ -64,7 +64,8 @@ def test_adamw_kernel_matches_the_numpy_formula(dtype):
     v_ref = b2 * v + (1 - b2) * g * g
     p_ref = p * (1 - lr * wd) - (lr / bias1) * m_ref / (np.sqrt(v_ref) / np.sqrt(bias2) + eps)
     f = np.dtype(dtype).type
-    train.adamw_kernel(p, g, m, v, f(b1), f(b2), f(1 - lr * wd), f(lr / bias1), f(np.sqrt(bias2)), f(eps))
+    train.adamw_kernel(p, g, m, v, f(b1), f(1 - b1), f(b2), f(1 - b2), f(1 - lr * wd), f(lr / bias1),
+                       f(np.sqrt(bias2)), f(eps))
     tol = 1e-6 if dtype == np.float32 else 1e-14
     np.testing.assert_allclose(m, m_ref, rtol=tol, atol=tol)
     np.testing.assert_allclose(v, v_ref, rtol=tol, atol=tol)
