@@ -1,6 +1,6 @@
 """Model benchmark: training-step throughput and utilisation, and decode speed.
 
-    python bench/bench_model.py                 # tiny B=8 T=256, medium B=1 T=256, medium decode
+    python bench/bench_model.py                 # medium decode, tiny B=8 T=256, medium B=1 T=256
     python bench/bench_model.py --only tiny     # one part: tiny | medium | decode
 
 utilisation = 6 x parameters x tokens/s / (float32 matmul FLOP/s measured in the same run)
@@ -79,11 +79,11 @@ if __name__ == "__main__":
         print(f"machine: {os.cpu_count()} cores, matvec {gbps:.1f} GB/s")
         decode_rate("medium", [64, 4096], 64, gbps)
         sys.exit()
+    if args.only is None:  # first, while this process is still small
+        subprocess.run([sys.executable, __file__, "--only", "decode"], check=True)
     peak = matmul_gflops()
     print(f"machine: {os.cpu_count()} cores, float32 matmul {peak:.0f} GFLOP/s")
     if args.only in (None, "tiny"):
         train_step_rate("tiny", 8, 256, args.steps, peak)
     if args.only in (None, "medium"):
         train_step_rate("medium", 1, 256, args.steps, peak)
-    if args.only is None:
-        subprocess.run([sys.executable, __file__, "--only", "decode"], check=True)
