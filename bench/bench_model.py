@@ -16,6 +16,9 @@ import subprocess
 import sys
 import time
 
+# The environment as given, before autograd fills in training's thread policy: the
+# decode child must get chat.py's policy, not inherit training's.
+GIVEN_ENV = dict(os.environ)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 if "decode" in sys.argv:
     import chat  # noqa: F401,E402  (chat's BLAS thread policy, set before NumPy loads)
@@ -80,7 +83,7 @@ if __name__ == "__main__":
         decode_rate("medium", [64, 4096], 64, gbps)
         sys.exit()
     if args.only is None:  # first, while this process is still small
-        subprocess.run([sys.executable, __file__, "--only", "decode"], check=True)
+        subprocess.run([sys.executable, __file__, "--only", "decode"], check=True, env=GIVEN_ENV)
     peak = matmul_gflops()
     print(f"machine: {os.cpu_count()} cores, float32 matmul {peak:.0f} GFLOP/s")
     if args.only in (None, "tiny"):
