@@ -25,7 +25,7 @@ import sys
 # this folder: from __file__ as a script; as a notebook, the working folder (docs/ or the repo root)
 HERE = (os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else
         next(d for d in (os.getcwd(), os.path.join(os.getcwd(), "docs")) if os.path.exists(os.path.join(d, "svg.py"))))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # docs/ (svg, report) and the repo root (wyrd)
+sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "bench")]  # + the repo root, bench/
 
 import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
@@ -37,23 +37,14 @@ import numpy as np  # noqa: E402
 import report  # noqa: E402
 import svg  # noqa: E402
 import wyrd  # noqa: E402
+import bench_kernels  # noqa: E402  (the benchmarks' own yardstick and timer)
+from bench_kernels import best_of  # noqa: E402
 from autograd import Tensor, no_grad  # noqa: E402
 
 args = report.parse_args("Speed: kernel and model throughput, utilisation, decode cost against context length.")
 rep = report.Report(args, "05_speed", "Speed")
 quick = args.quick
 rng = np.random.default_rng(0)
-
-
-def best_of(fn, repeat=5):
-    """Minimum wall time of fn() over `repeat` runs, after one warm-up (Numba compiles on first call)."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 # %% [markdown]
@@ -65,14 +56,11 @@ def best_of(fn, repeat=5):
 
 # %%
 n = 512 if quick else 2048
-a, b = rng.standard_normal((2, n, n), dtype=np.float32)
-matmul_gflops = 2 * n ** 3 / best_of(lambda: a @ b) / 1e9
-m = rng.standard_normal((4096 if quick else 8192, 4096), dtype=np.float32)
-v = rng.standard_normal(4096, dtype=np.float32)
-matvec_gbps = m.nbytes / best_of(lambda: m @ v, 10) / 1e9
+matmul_gflops = bench_kernels.matmul_gflops(n)
+rows = 4096 if quick else 8192
+m_mb = rows * 4096 * 4 / 1e6
+matvec_gbps = bench_kernels.matvec_gbps(rows, 4096)
 blas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
-m_mb = m.nbytes / 1e6
-del a, b, m
 print(f"float32 matmul {matmul_gflops:.1f} GFLOP/s, matvec {matvec_gbps:.1f} GB/s on {os.cpu_count()} cores")
 rep.md(f"""
 ## 1. The yardstick

@@ -63,28 +63,24 @@ def layer_stack(path):
     c.text(rx, 646, "x", 12, "middle", weight="bold")
     c.line(rx, 634, rx, 160, "#333", 2)
     c.arrow(rx, 175, rx, 160, "#333", 2)
-    # first half: x + temporal_mix(norm1(x))
-    for (label, sub, fill, yy) in [("norm1", "RMSNorm", NORM, 560), ("temporal_mix", "RG-LRU or attention", REC, 470)]:
-        c.box(cx - 70, yy, 140, 46, label, fill, sublabel=sub)
-    c.rect(cx - 70, 470, 70, 46, fill=ATT, stroke="none", opacity=0.6)
-    c.box(cx - 70, 470, 140, 46, "temporal_mix", "none", sublabel="RG-LRU or attention")
-    c.line(rx, 625, cx, 625, "#333", 1.2)
-    c.arrow(cx, 625, cx, 607)
-    c.arrow(cx, 560, cx, 517)
-    c.line(cx, 470, cx, 440, "#333", 1.2)
-    c.arrow(cx, 440, rx - 10, 440)
-    c.circle(rx, 440, 10, "white", "#333")
-    c.text(rx, 445, "+", 14, "middle", weight="bold")
-    # second half: x + ffn(norm2(x))
-    for (label, sub, fill, yy) in [("norm2", "RMSNorm", NORM, 360), ("ffn", "w2(silu(w1 x) * w3 x)", FFN, 270)]:
-        c.box(cx - 70, yy, 140, 46, label, fill, sublabel=sub)
-    c.line(rx, 422, cx, 422, "#333", 1.2)
-    c.arrow(cx, 422, cx, 407)
-    c.arrow(cx, 360, cx, 317)
-    c.line(cx, 270, cx, 240, "#333", 1.2)
-    c.arrow(cx, 240, rx - 10, 240)
-    c.circle(rx, 240, 10, "white", "#333")
-    c.text(rx, 245, "+", 14, "middle", weight="bold")
+
+    def branch(entry, norm, y_norm, mix, sub, fill, y_mix, two_kinds=False):
+        """One residual half: x -> norm -> mix, added back into the stream."""
+        for (label, sublabel, f, yy) in [(norm, "RMSNorm", NORM, y_norm), (mix, sub, fill, y_mix)]:
+            c.box(cx - 70, yy, 140, 46, label, f, sublabel=sublabel)
+        if two_kinds:  # half RG-LRU colour, half attention colour
+            c.rect(cx - 70, y_mix, 70, 46, fill=ATT, stroke="none", opacity=0.6)
+            c.box(cx - 70, y_mix, 140, 46, mix, "none", sublabel=sub)
+        c.line(rx, entry, cx, entry, "#333", 1.2)
+        c.arrow(cx, entry, cx, y_norm + 47)
+        c.arrow(cx, y_norm, cx, y_mix + 47)
+        c.line(cx, y_mix, cx, y_mix - 30, "#333", 1.2)
+        c.arrow(cx, y_mix - 30, rx - 10, y_mix - 30)
+        c.circle(rx, y_mix - 30, 10, "white", "#333")
+        c.text(rx, y_mix - 25, "+", 14, "middle", weight="bold")
+
+    branch(625, "norm1", 560, "temporal_mix", "RG-LRU or attention", REC, 470, two_kinds=True)  # x + temporal_mix(norm1(x))
+    branch(422, "norm2", 360, "ffn", "w2(silu(w1 x) * w3 x)", FFN, 270)          # x + ffn(norm2(x))
     c.text(rx + 14, 300, "residual stream", 10, color="#555", rotate=90)
     c.text(cx, 642, "all shapes [B, T, d]", 10, "middle", color="#555")
 
