@@ -33,7 +33,8 @@ def tok():
 
 
 def nano(tok, seed=0):
-    return wyrd.Chimera(dataclasses.replace(wyrd.get_config("nano"), vocab_size=tok.vocab_size), seed=seed)
+    return wyrd.Chimera(dataclasses.replace(wyrd.get_config("nano"), vocab_size=tok.vocab_size), seed=seed,
+                       init="reference")  # every branch nonzero: decoding has something to get wrong
 
 
 def babbler(tok):

@@ -39,11 +39,12 @@ def test_medium_attention_layers_are_the_specs():
     assert [i for i in range(cfg.n_layers) if cfg.is_attention(i)] == [2, 5, 8, 11, 14]
 
 
-def test_init_follows_the_spec():
-    m = Chimera(NANO, seed=3)
+def test_reference_init_follows_the_spec():
+    m = Chimera(NANO, seed=3, init="reference")
     p = dict(m.named_parameters())
-    w = p["layers.0.ffn.w1.weight"].data
-    assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002
+    for name in ("layers.0.ffn.w1.weight", "layers.0.ffn.w2.weight", "layers.0.temporal_mix.output_proj.weight"):
+        w = p[name].data
+        assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002, name
     lam = p["layers.0.temporal_mix.lambda_param"].data
     assert lam.min() >= 4.0 and lam.max() <= 9.0
     assert not p["layers.0.temporal_mix.h0"].data.any()
@@ -53,6 +54,38 @@ def test_init_follows_the_spec():
     # the same seed gives the same model; another seed does not
     assert np.array_equal(Chimera(NANO, seed=3).state_dict()["embed_tokens.weight"], m.state_dict()["embed_tokens.weight"])
     assert not np.array_equal(Chimera(NANO, seed=4).state_dict()["embed_tokens.weight"], m.state_dict()["embed_tokens.weight"])
+    with pytest.raises(ValueError, match="init must be"):
+        Chimera(NANO, init="xavier")
+
+
+def branch_rms(model, ids):
+    """RMS of the token embeddings and of what each residual branch adds to the stream."""
+    from autograd import embedding, no_grad
+    with no_grad():
+        x = embedding(model.embed_tokens.weight, ids)
+        emb, added = float(np.sqrt(np.mean(x.data ** 2))), []
+        for layer in model.layers:
+            mix = layer.temporal_mix(layer.norm1(x))
+            added.append(float(np.sqrt(np.mean(mix.data ** 2))))
+            x = x + mix
+            ffn = layer.ffn(layer.norm2(x))
+            added.append(float(np.sqrt(np.mean(ffn.data ** 2))))
+            x = x + ffn
+    return emb, added
+
+
+def test_wyrd_init_keeps_the_token_embedding_in_charge():
+    """At Wyrd's init no residual branch adds more than the embedding's RMS (they start
+    at zero); at the reference init an RG-LRU branch adds ~0.02 sqrt(d), several times
+    the embedding, which is what made training sit on the unigram plateau (docs/04)."""
+    ids = np.random.default_rng(0).integers(0, NANO.vocab_size, (2, 50))
+    emb, added = branch_rms(Chimera(NANO, seed=1), ids)
+    assert emb == pytest.approx(0.02, rel=0.1) and max(added) <= 1.0 * emb
+    emb_ref, added_ref = branch_rms(Chimera(NANO, seed=1, init="reference"), ids)
+    assert added_ref[0] > 3 * emb_ref                      # layer 0 is an RG-LRU
+    # sigmoid(lambda) in Griffin's [0.9, 0.999], spread over the range
+    a = 1 / (1 + np.exp(-Chimera(NANO, seed=1).layers[0].temporal_mix.lambda_param.data.astype(np.float64)))
+    assert 0.9 - 1e-6 <= a.min() < 0.93 and 0.99 < a.max() <= 0.999 + 1e-6
 
 
 def test_decoding_equals_full_forward_past_the_window():
@@ -79,7 +112,7 @@ def test_decoding_equals_full_forward_past_the_window():
 
 
 def test_decoding_state_is_constant_size_and_copyable():
-    m = Chimera(NANO)
+    m = randomised(Chimera(NANO))
     ids = np.random.default_rng(1).integers(0, NANO.vocab_size, (1, 200))
     state = m.init_state(1)
     m.step(ids[:, :10], state)
