@@ -33,6 +33,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import tarfile
@@ -77,6 +78,7 @@ PRETRAIN = TrainConfig()
 FINETUNE = replace(PRETRAIN, steps=300, seq_len=384, lr=1e-3, min_lr=1e-4, warmup=20, weight_decay=0.01)
 DEFAULT_STORIES = 20000         # built-in stories generated for pretraining (5% held out)
 DEFAULT_CHATS = 12000           # built-in conversations for fine-tuning (5% held out)
+STORY_SAMPLES = 20              # stories the default run samples to count character names
 HELD_OUT_SEED = 1_000_003       # seed of the reply check's prompts, unused by training data
 VAL_FRACTION = 0.05             # held-out share of each data set ...
 VAL_MAX_TOKENS = 1 << 20        # ... capped, so a 2 GB corpus does not hold out 100 MB
@@ -1404,6 +1406,33 @@ def sample_stories(model, tok, n=3, max_new=300, seed=0):
     return [starts[i % 3] + "".join(complete(model, tok, starts[i % 3], settings, rng)) for i in range(n)]
 
 
+_NAME_RE = re.compile(r"\b(?:" + "|".join(sorted(set(_GIRLS + _BOYS + _PET_NAMES))) + r")\b")
+
+
+def names_per_story(stories):
+    """Mean number of distinct character names (from the corpus's name lists) per story:
+    the built-in stories have 1.6 (a hero, sometimes a named friend); a model that
+    forgets who its story is about introduces new ones."""
+    return float(np.mean([len(set(_NAME_RE.findall(s))) for s in stories]))
+
+
+def fact_check(model, tok, max_new=40):
+    """Greedy replies (argmax, no repetition penalty) to the built-in corpus's world facts,
+    asked with the default system prompt; -> (number answered exactly, [(question, reply)]
+    of the others)."""
+    right, wrong = 0, []
+    for question, answer in _FACTS:
+        ids, _ = tok.render_chat([{"role": "system", "content": DEFAULT_SYSTEM},
+                                  {"role": "user", "content": question}], add_generation_prompt=True)
+        out = list(generate(model, tok, None, ids, Settings(temperature=0, repetition_penalty=1, max_tokens=max_new)))
+        reply = tok.decode([t for t in out if t not in (tok.im_end_id, tok.eot_id)])
+        if reply == answer and out[-1] == tok.im_end_id:
+            right += 1
+        else:
+            wrong.append((question, reply))
+    return right, wrong
+
+
 # ----------------------------------------------------------------------------
 # Commands
 
@@ -1517,7 +1546,8 @@ def run_default(out="out/wyrd.safetensors", resume=False, preset="tiny", pre=PRE
         if result["interrupted"]:
             return result
         meta = result["meta"]
-        meta["story_samples"] = sample_stories(model, tok)
+        samples = sample_stories(model, tok, n=STORY_SAMPLES)
+        meta["story_samples"], meta["names_per_story"] = samples[:3], names_per_story(samples)
         for story in meta["story_samples"]:
             print(f"--- sample story ---\n{story}")
         model, tok, result = finetune([chats], None, out, ft, model=model, tok=tok, meta=meta, fresh_log=False)
@@ -1528,6 +1558,7 @@ def run_default(out="out/wyrd.safetensors", resume=False, preset="tiny", pre=PRE
         return result
     meta = result["meta"]
     rate, replies = reply_check(model, tok, n=check) if check else (float("nan"), [])
+    facts, wrong = fact_check(model, tok) if check else (0, [])
     wall = time.time() - t0
     print(f"\n=== Wyrd: {out} written in {_hms(wall)} (this session) ===")
     for ph in ("pretrain", "finetune"):
@@ -1535,11 +1566,15 @@ def run_default(out="out/wyrd.safetensors", resume=False, preset="tiny", pre=PRE
         print(f"{ph:9s} final train loss {s.get('train_loss', float('nan')):.4f} | "
               f"held-out loss {s.get('val_loss', float('nan')):.4f}")
     print(f"replies ending with <|im_end|> within 200 tokens: {rate:.0%} of {check} held-out prompts")
+    print(f"world facts answered exactly (greedy): {facts} of {len(_FACTS)}"
+          + "".join(f"\n  {q} -> {a!r}" for q, a in wrong[:5]))
+    print(f"distinct character names per sampled story: {meta.get('names_per_story', float('nan')):.2f} "
+          f"({STORY_SAMPLES} stories; the built-in stories have 1.6)")
     for story in meta.get("story_samples", []):
         print(f"\n--- story ---\n{story}")
     for prompt, reply in replies[:3]:
         print("\n--- chat ---\n" + "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + f"\nassistant: {reply}")
-    return dict(result, reply_rate=rate, replies=replies, wall=wall)
+    return dict(result, reply_rate=rate, replies=replies, facts=facts, wall=wall)
 
 
 DOWNLOADS = {
