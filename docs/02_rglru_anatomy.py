@@ -73,10 +73,10 @@ print(f"{PRESET}: layers {recurrent} recurrent, {attention} attention; held-out 
 # %% [markdown]
 # ## 1. The spectrum of decay rates
 #
-# `lambda_param` is initialised uniformly in [4, 9], so `a = sigmoid(lambda)` lies
-# in [0.982, 0.99988]. With the gate fully open (`r_t = 1`) a channel's horizon is
-# `τ = 1 / (c |ln a|)`: from 6.9 tokens (λ = 4) to 1013 tokens (λ = 9), spread
-# evenly in λ, which puts most channels at the long end. A histogram over
+# Wyrd initialises `lambda_param` so that `a = sigmoid(lambda)` is Griffin's
+# `sqrt(U(0.81, 0.998))`, in [0.9, 0.999]. With the gate fully open (`r_t = 1`) a
+# channel's horizon is `τ = 1 / (c |ln a|)`: from 1.2 tokens (a = 0.9) to 125 tokens
+# (a = 0.999); uniform in a² puts most channels at the short end. A histogram over
 # log-spaced horizons shows where training moved them.
 
 
@@ -124,8 +124,8 @@ the "init" below.
 
 Per channel, `a = sigmoid(lambda_param)`; with the recurrence gate open (`r_t = 1`)
 the channel's state decays as `a^c` per token, a horizon (time constant) of
-`τ = 1 / (c |ln a|)` tokens. At init `lambda_param ~ U(4, 9)` gives τ from 6.9 to
-1013 tokens, spread roughly evenly in log τ. Share of channels per horizon bin,
+`τ = 1 / (c |ln a|)` tokens. Wyrd's init draws `a²` uniformly in [0.81, 0.998]
+(Griffin's range), so τ runs from 1.2 to 125 tokens, most channels at the short end. Share of channels per horizon bin,
 all {len(recurrent)} recurrent layers pooled:
 """)
 rep.figure("02_decay_spectrum.svg", svg.line_plot(

@@ -63,8 +63,8 @@ def test_02_rglru_anatomy(tmp_path):
     for section in ("## 1. The spectrum of decay rates", "## 2. Memory horizons on text",
                     "## 3. An impulse through a layer", "## 4. State size against context length"):
         assert section in md
-    # lambda_param ~ U(4, 9) and c = 8: horizons between 6.9 and 1013 tokens with the gate open
-    assert 6.8 <= n["init_tau_min"] and n["init_tau_max"] <= 1014
+    # a = sqrt(U(0.81, 0.998)) and c = 8: horizons between 1.19 and 125 tokens with the gate open
+    assert 1.18 <= n["init_tau_min"] < 2 and 60 < n["init_tau_max"] <= 125
     # an impulse never quite leaves a recurrent layer, and leaves an attention layer exactly at W
     for i in n["recurrent_layers"]:
         assert n["impulse_after_window"][str(i)] > 0
