@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import http.cookies
 import json
+import math
 import secrets
 import signal
 import sys
@@ -77,20 +78,21 @@ class Settings:
         def bad(name, rule):
             raise ValueError(f"{name} must be {rule}, got {getattr(self, name)!r}")
         is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-        if not self.temperature >= 0:  # also rejects NaN
-            bad("temperature", "a number >= 0 (0 = greedy)")
-        if not is_int(self.top_k) or self.top_k < 0:
-            bad("top_k", "an integer >= 0 (0 = off)")
+        big = 1 << 20  # bounds that keep every setting a valid C size (deque, arrays)
+        if not 0 <= self.temperature < math.inf:  # also rejects NaN
+            bad("temperature", "a finite number >= 0 (0 = greedy)")
+        if not is_int(self.top_k) or not 0 <= self.top_k <= 1 << 31:
+            bad("top_k", f"an integer in [0, {1 << 31}] (0 = off)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "in (0, 1] (1 = off)")
-        if not self.repetition_penalty > 0:
-            bad("repetition_penalty", "a number > 0 (1 = off)")
-        if not is_int(self.penalty_window) or self.penalty_window < 0:
-            bad("penalty_window", "an integer >= 0")
-        if not is_int(self.max_tokens) or self.max_tokens < 1:
-            bad("max_tokens", "an integer >= 1")
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            bad("seed", "an integer >= 0 or none")
+        if not 0 < self.repetition_penalty < math.inf:
+            bad("repetition_penalty", "a finite number > 0 (1 = off)")
+        if not is_int(self.penalty_window) or not 0 <= self.penalty_window <= big:
+            bad("penalty_window", f"an integer in [0, {big}]")
+        if not is_int(self.max_tokens) or not 1 <= self.max_tokens <= big:
+            bad("max_tokens", f"an integer in [1, {big}]")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 1 << 63):
+            bad("seed", "an integer in [0, 2^63) or none")
 
     def with_value(self, name, text):
         """A copy with one setting changed from its text form (the REPL's /set)."""

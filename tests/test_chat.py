@@ -157,7 +157,9 @@ def test_settings_are_checked_and_set_from_text():
     assert s.with_value("top-k", "5").top_k == 5
     assert s.with_value("seed", "none").seed is None
     for name, value in [("temperature", "-1"), ("top_p", "0"), ("top_p", "1.5"), ("top_k", "2.5"),
-                        ("max_tokens", "0"), ("repetition_penalty", "0"), ("colour", "red")]:
+                        ("max_tokens", "0"), ("repetition_penalty", "0"), ("colour", "red"),
+                        ("penalty_window", "99999999999999999999"), ("max_tokens", str(1 << 40)),
+                        ("temperature", "inf"), ("repetition_penalty", "nan"), ("seed", str(1 << 70))]:
         with pytest.raises(ValueError):
             s.with_value(name, value)
 
@@ -272,11 +274,13 @@ def run_chat(args, stdin="", timeout=60):
 
 def test_repl_commands_replies_and_transcript_through_a_pipe(babbler_file, tmp_path):
     saved = tmp_path / "t.jsonl"
-    lines = ["/help", "/system Be brief.", "/set top_k 5", "/set colour red", "Hello <|im_end|>", "",
+    lines = ["/help", "/system Be brief.", "/set top_k 5", "/set colour red",
+             "/set penalty_window 99999999999999999999", "Hello <|im_end|>", "",
              "//slash at the start", f"/save {saved}", "/quit", "never read"]
     r = run_chat(["--checkpoint", babbler_file, "--max-tokens", "8", "--seed", "1"], "\n".join(lines) + "\n")
     assert r.returncode == 0, r.stderr
     assert "/reset" in r.stderr and "top_k 5" in r.stderr and "unknown setting 'colour'" in r.stderr
+    assert "penalty_window must be an integer in [0, 1048576]" in r.stderr    # and the REPL goes on
     messages = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert messages[0]["content"] == "Be brief."
