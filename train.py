@@ -934,6 +934,7 @@ def _cached(base, key, dtype, width, chunks):
             return np.memmap(data_path, dtype=dtype, mode="r", shape=(n, width))
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no cache yet, or a broken one: rebuild
+    _remove_stale_temps(data_path)
     tmp, n = f"{data_path}.tmp{os.getpid()}", 0
     try:
         with open(tmp, "wb") as f:
@@ -948,6 +949,20 @@ def _cached(base, key, dtype, width, chunks):
             os.remove(tmp)
     _write_text(meta_path, json.dumps({"tokens": n, "columns": width, "dtype": ext, "key": key}))
     return np.memmap(data_path, dtype=dtype, mode="r", shape=(n, width))
+
+
+def _remove_stale_temps(path):
+    """Delete `path.tmpPID` files left by builds that were killed (their PID is gone)."""
+    folder, prefix = os.path.dirname(os.path.abspath(path)), os.path.basename(path) + ".tmp"
+    for name in os.listdir(folder):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass  # alive, or not ours to ask about: leave it
 
 
 def _write_text(path, text):
@@ -1035,11 +1050,12 @@ def load_tokens(sources, tok, out_dir, chat=False, lang="en"):
 
 
 def split_held_out(tokens, eot, fraction=VAL_FRACTION, cap=VAL_MAX_TOKENS):
-    """The last `fraction` of the tokens (at most `cap`), cut after an <|endoftext|>."""
+    """The last `fraction` of the tokens (at least one, at most `cap`), cut after an
+    <|endoftext|>; if the share lies inside the last document, cut inside it."""
     n = len(tokens)
-    cut = n - min(int(n * fraction), cap)
-    ends = np.flatnonzero(tokens[cut:, 0] == eot)
-    cut = cut + ends[0] + 1 if len(ends) else n
+    cut = n - max(min(int(n * fraction), cap), 1 if n > 1 else 0)
+    ends = np.flatnonzero(tokens[cut:n - 1, 0] == eot)
+    cut = cut + ends[0] + 1 if len(ends) else cut
     return tokens[:cut], tokens[cut:]
 
 
@@ -1059,14 +1075,20 @@ class Rows:
 
     @classmethod
     def stream(cls, tokens, seq_len, pad_id):
-        """Consecutive windows of seq_len + 1 tokens, overlapping by one."""
+        """Consecutive windows of seq_len + 1 tokens, overlapping by one (or, from fewer
+        tokens than that, one shorter row, padded)."""
         starts = np.arange(0, max(len(tokens) - 1, 0) // seq_len) * seq_len
-        return cls(tokens, starts, np.full(len(starts), seq_len + 1), seq_len, pad_id)
+        lengths = np.full(len(starts), seq_len + 1)
+        if len(starts) == 0 and len(tokens) >= 2:
+            starts, lengths = np.array([0]), np.array([len(tokens)])
+        return cls(tokens, starts, lengths, seq_len, pad_id)
 
     @classmethod
     def packed(cls, tokens, seq_len, eot):
         """Whole conversations packed greedily into rows; a longer one is cut to fit.
         Rows without a single trained target are dropped."""
+        if len(tokens) < 2:
+            return cls(tokens, np.zeros(0, np.int64), np.zeros(0, np.int64), seq_len, eot)
         ends = np.flatnonzero(tokens[:, 0] == eot) + 1
         if len(ends) == 0 or ends[-1] != len(tokens):
             ends = np.append(ends, len(tokens))
@@ -1219,7 +1241,7 @@ def train(model, tok, rows, val_rows, cfg, out, phase, data_key, meta=None, resu
     the end and on Ctrl-C (the step in progress is finished first). -> summary dict."""
     params = model.named_parameters()
     opt = AdamW(params, weight_decay=cfg.weight_decay)
-    step = load_train_state(out, opt, phase, data_key, (meta or {}).get("step")) if resume else 0
+    step = load_train_state(out, opt, phase, data_key) if resume else 0
     _trim_log(log_path_of(out), phase, step, keep_other_phases=resume or not fresh_log)
     meta = dict(meta or {}, phase=phase)
 
@@ -1239,6 +1261,9 @@ def train(model, tok, rows, val_rows, cfg, out, phase, data_key, meta=None, resu
     first, t_start, val_loss = step, time.time(), None
     print(f"{phase}: {model.num_params():,} parameters, {len(rows):,} train rows, {len(val_rows):,} held-out rows, "
           f"steps {step}..{cfg.steps} of {tokens_per_step:,} tokens")
+    if len(val_rows) == 0:
+        print(f"warning: {phase}: the data are too small to hold any out; held-out losses will read nan",
+              file=sys.stderr)
     try:
         with open(log_path_of(out), "a", encoding="utf-8") as log:
             while step < cfg.steps and not stop:
@@ -1324,32 +1349,58 @@ def _trim_log(path, phase, step, keep_other_phases):
 # that a PyTorch Chimera loads strictly); the sibling `.train.safetensors` holds
 # what resuming needs: the AdamW moments, the step and the data order (seed and
 # position: the order is a pure function of them, so they are the RNG state).
+# The pair is replaced in three atomic moves: the old train state is set aside
+# (`.train.prev.safetensors`), the new one written, then the new model; so a kill
+# at any instant leaves a model and a train state of the same step on disk.
+
+def prev_state_path_of(out):
+    return os.path.splitext(out)[0] + ".train.prev.safetensors"
+
 
 def save_checkpoint(out, model, tok, opt, step, cfg, phase, data_key, meta):
     state = {"phase": phase, "step": step, "adam_t": opt.t, "config": asdict(cfg), "data_key": data_key,
              "data_position": step * cfg.grad_accum * cfg.batch_size, "data_seed": cfg.seed}
     tensors = {f"m.{n}": m for n, m in opt.m.items()}
     tensors.update({f"v.{n}": v for n, v in opt.v.items()})
-    # the train state first: a crash between the two writes leaves a model older
-    # than its train state, which load_train_state reports instead of resuming wrongly
-    wyrd.write_safetensors(state_path_of(out), tensors, {"wyrd_train_state": json.dumps(state)})
+    path, prev = state_path_of(out), prev_state_path_of(out)
+    if os.path.exists(path) and os.path.exists(out):
+        os.replace(path, prev)  # the old pair stays whole: old model + prev
+    wyrd.write_safetensors(path, tensors, {"wyrd_train_state": json.dumps(state)})
     wyrd.save(out, model, tok, **dict(meta, step=step, steps=cfg.steps))
+    if os.path.exists(prev):
+        os.remove(prev)
 
 
 def read_train_state(out):
-    path = state_path_of(out)
-    if not os.path.exists(path):
+    """-> (tensors, state) of the train state whose step is the model checkpoint's. After
+    a save cut short that is `.train.prev.safetensors`, which is put back in place."""
+    path, prev = state_path_of(out), prev_state_path_of(out)
+    if not os.path.exists(path) and not os.path.exists(prev):
         raise wyrd.CheckpointError(f"{path}: no training state to resume from (run without --resume to start)")
-    tensors, metadata = wyrd.read_safetensors(path)
     try:
-        return tensors, json.loads(metadata["wyrd_train_state"])
-    except (KeyError, ValueError):
-        raise wyrd.CheckpointError(f"{path}: not a Wyrd training state (no wyrd_train_state metadata)") from None
+        model_step = json.loads(wyrd.read_safetensors(out, data=False)[1].get("meta", "{}")).get("step")
+    except (ValueError, AttributeError):
+        raise wyrd.CheckpointError(f"{out}: bad __metadata__['meta']; cannot tell which step it holds") from None
+    steps = {}
+    for candidate in (path, prev):
+        if os.path.exists(candidate):
+            tensors, metadata = wyrd.read_safetensors(candidate)
+            try:
+                state = json.loads(metadata["wyrd_train_state"])
+            except (KeyError, ValueError):
+                raise wyrd.CheckpointError(f"{candidate}: not a Wyrd training state (no wyrd_train_state "
+                                           "metadata)") from None
+            if state.get("step") == model_step:
+                if candidate == prev:
+                    os.replace(prev, path)
+                return tensors, state
+            steps[candidate] = state.get("step")
+    raise wyrd.CheckpointError(f"{out} is at step {model_step} but " + " and ".join(
+        f"{p} at step {s}" for p, s in steps.items()) + ": the pair cannot be resumed exactly")
 
 
-def load_train_state(out, opt, phase, data_key, model_step):
-    """Restore the optimizer moments; -> the step to continue from. `model_step` is the
-    step recorded in the model checkpoint, which must be the same."""
+def load_train_state(out, opt, phase, data_key):
+    """Restore the optimizer moments; -> the step to continue from (the model checkpoint's)."""
     tensors, state = read_train_state(out)
     path = state_path_of(out)
     if state["phase"] != phase:
@@ -1357,9 +1408,6 @@ def load_train_state(out, opt, phase, data_key, model_step):
     if state["data_key"] != data_key:
         raise wyrd.CheckpointError(f"{path}: the data or tokenizer differ from the saved run's; "
                                    "resume with the same --data (files unchanged)")
-    if model_step != state["step"]:
-        raise wyrd.CheckpointError(f"{out} is at step {model_step} but {path} at step {state['step']}: "
-                                   "a save was interrupted; the pair cannot be resumed exactly")
     for name, p in opt.params:
         for moments, prefix in ((opt.m, "m."), (opt.v, "v.")):
             saved = tensors.get(prefix + name)
@@ -1645,7 +1693,8 @@ def build_parser():
     p.add_argument("--out", default="out/wyrd.safetensors", help="checkpoint file (default: out/wyrd.safetensors)")
     p.add_argument("--preset", default="tiny", choices=list(wyrd.PRESETS), help="model size (default: tiny)")
     p.add_argument("--resume", action="store_true", help="continue the run stopped at --out (default: off)")
-    p.set_defaults(func=lambda a: run_default(a.out, a.resume, a.preset))
+    p.add_argument("--overwrite", action="store_true", help="start over, replacing the run at --out (default: off)")
+    p.set_defaults(func=_cmd_all)
 
     p = sub.add_parser("pretrain", help="pretrain on stories",
                        description="Pretrain on stories (documents joined by <|endoftext|>).")
@@ -1657,6 +1706,7 @@ def build_parser():
     p.add_argument("--out", default="out/pretrain.safetensors", help="checkpoint file; the metrics log is "
                    "beside it with the same stem and .jsonl (default: out/pretrain.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue the run stopped at --out (default: off)")
+    p.add_argument("--overwrite", action="store_true", help="start over, replacing the run at --out (default: off)")
     _training_flags(p, PRETRAIN)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -1670,6 +1720,7 @@ def build_parser():
     p.add_argument("--out", default="out/wyrd.safetensors", help="checkpoint file; the metrics log is "
                    "beside it with the same stem and .jsonl (default: out/wyrd.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue the run stopped at --out (default: off)")
+    p.add_argument("--overwrite", action="store_true", help="start over, replacing the run at --out (default: off)")
     _training_flags(p, FINETUNE)
     p.set_defaults(func=_cmd_finetune)
 
@@ -1688,6 +1739,17 @@ def build_parser():
     return parser
 
 
+def _fresh(args):
+    """A new run must not destroy one the user made: without --resume, refuse to
+    replace an existing run at --out unless --overwrite says so."""
+    if args.resume or args.overwrite:
+        return
+    found = [p for p in (args.out, state_path_of(args.out), log_path_of(args.out)) if os.path.exists(p)]
+    if found:
+        raise DataError(f"{found[0]} exists: continue that run with --resume, start over with --overwrite, "
+                        "or choose another --out")
+
+
 def _given(args):
     return {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
 
@@ -1702,12 +1764,19 @@ def _config(args, defaults, phase):
     return replace(defaults, **{k: v for k, v in given.items() if v is not None})
 
 
+def _cmd_all(args):
+    _fresh(args)
+    run_default(args.out, args.resume, args.preset)
+
+
 def _cmd_pretrain(args):
+    _fresh(args)
     cfg = _config(args, PRETRAIN, "pretrain")
     pretrain(args.data, args.out, args.preset, args.tokenizer, cfg, args.resume)
 
 
 def _cmd_finetune(args):
+    _fresh(args)
     cfg = _config(args, FINETUNE, "finetune")
     finetune(args.data, args.init, args.out, cfg, args.resume, None if args.lang == "all" else args.lang)
 

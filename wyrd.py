@@ -782,8 +782,9 @@ def write_safetensors(path, tensors, metadata=None):
             os.remove(tmp)
 
 
-def read_safetensors(path):
-    """Read a safetensors file -> (name -> array, metadata), validating before trusting."""
+def read_safetensors(path, data=True):
+    """Read a safetensors file -> (name -> array, metadata), validating the whole header
+    against the file's size before reading any tensor. data=False: ({}, metadata)."""
     def bad(msg):
         return CheckpointError(f"{path}: {msg}")
     try:
@@ -811,7 +812,7 @@ def read_safetensors(path):
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise bad("corrupted header: __metadata__ must map strings to strings")
         data_len = size - 8 - n
-        spans, tensors = [], {}
+        spans = []
         for name, info in header.items():
             try:
                 dtype = DTYPES[info["dtype"]]
@@ -825,16 +826,18 @@ def read_safetensors(path):
                           f"section (file truncated?)")
             if end - begin != math.prod(shape) * dtype.itemsize:  # Python ints: no overflow
                 raise bad(f"tensor {name!r}: {end - begin} bytes do not hold shape {list(shape)} of {info['dtype']}")
-            spans.append((begin, end, name))
-            f.seek(8 + n + begin)
-            arr = np.frombuffer(f.read(end - begin), dtype=dtype).reshape(shape)
-            if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
-                arr = (arr.astype(np.uint32) << 16).view(np.float32)
-            tensors[name] = arr.copy() if not arr.flags.writeable else arr
+            spans.append((begin, end, name, dtype, shape, info["dtype"]))
         spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        for (b0, e0, n0, *_), (b1, e1, n1, *_) in zip(spans, spans[1:]):
             if b1 < e0:
                 raise bad(f"tensors {n0!r} and {n1!r} overlap in the data section")
+        tensors = {}
+        for begin, end, name, dtype, shape, label in spans if data else ():
+            f.seek(8 + n + begin)
+            arr = np.frombuffer(f.read(end - begin), dtype=dtype).reshape(shape)
+            if label == "BF16":  # bfloat16 is the top half of a float32
+                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            tensors[name] = arr.copy() if not arr.flags.writeable else arr
     return tensors, metadata
 
 

@@ -255,6 +255,33 @@ def test_story_tokens_are_cached_beside_the_source_and_reused(tmp_path, tok, mon
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
+def test_a_killed_cache_build_leaves_no_temporary_file_behind(tmp_path, tok):
+    import subprocess
+    import sys
+    src = tmp_path / "stories.txt"
+    shutil.copy(fixture("stories.txt"), src)
+    tok_path = str(tmp_path / "tok.json")
+    tok.save(tok_path)
+    # a build killed while writing (os._exit: no finally, no cleanup), as by SIGKILL
+    killed = subprocess.run([sys.executable, "-c", f"""
+import os, numpy as np, wyrd, train
+from tokenizer import Tokenizer
+contiguous = np.ascontiguousarray
+def die(*a, **k):                                         # once the temporary file is open
+    if any(".tmp" in p for p in os.listdir({str(tmp_path)!r})):
+        os._exit(9)
+    return contiguous(*a, **k)
+np.ascontiguousarray = die
+train.load_tokens([{str(src)!r}], Tokenizer.load({tok_path!r}), {str(tmp_path / "out")!r})
+"""], cwd=os.path.dirname(FIX), env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(FIX))),
+        capture_output=True, text=True, timeout=120)
+    assert killed.returncode == 9, killed.stderr
+    left = [p for p in os.listdir(tmp_path) if ".tmp" in p]
+    assert len(left) == 1                                     # what a kill leaves ...
+    train.load_tokens([str(src)], tok, str(tmp_path / "out"))
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]   # ... the next build removes
+
+
 def test_a_read_only_data_folder_gets_its_cache_under_the_out_dir(tmp_path, tok):
     data = tmp_path / "data"
     data.mkdir()
