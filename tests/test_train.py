@@ -120,6 +120,7 @@ def test_pretrain_then_finetune_lowers_the_loss_and_writes_clean_checkpoints(tmp
     first, last = np.mean([r["loss"] for r in log[:3]]), np.mean([r["loss"] for r in log[-4:-1]])
     assert first > math.log(tok.vocab_size) - 0.5 and last < first - 1.0, (first, last)
     assert result["val_loss"] < first - 1.0 and log[-1]["final"]
+    assert 0.2 < result["val_loss"] / result["val_bits_per_byte"] / math.log(2) < 8   # bytes per token
     assert [r["step"] for r in log if "val_loss" in r] == [10, 20, 30]
     # the model file is a pure spec checkpoint; the optimizer lives beside it
     tensors, metadata = wyrd.read_safetensors(out)
@@ -140,6 +141,12 @@ def test_pretrain_then_finetune_lowers_the_loss_and_writes_clean_checkpoints(tmp
     for n, p in loaded.named_parameters():
         assert np.array_equal(p.data, dict(model2.named_parameters())[n].data)
 
+
+
+def test_bits_per_byte_counts_text_bytes_and_one_per_separator(tok):
+    text = "Once upon a time, a cat named T\u00f6m sat."
+    ids = tok.encode(text) + [tok.eot_id] + tok.encode(text)
+    assert train.bytes_per_token(ids, tok) == (2 * len(text.encode("utf-8")) + 1) / len(ids)
 
 def test_resume_after_a_kill_is_bit_identical(tmp_path, tok, monkeypatch):
     ref = str(tmp_path / "ref.safetensors")
