@@ -42,7 +42,7 @@ quick = args.quick
 
 PRESET = "nano" if quick else "tiny"
 STORIES, CHATS = ("builtin:400", "builtin:300") if quick else ("builtin:10000", "builtin:4000")
-PRE = replace(train.PRETRAIN, steps=12 if quick else 450, batch_size=8,
+PRE = replace(train.PRETRAIN, steps=12 if quick else train.PRETRAIN.steps, batch_size=8,
               seq_len=64 if quick else 256, warmup=3 if quick else 20,
               eval_every=4 if quick else 25, eval_batches=2 if quick else 6, ckpt_every=10 ** 9,
               log_every=4 if quick else 25)
@@ -168,9 +168,10 @@ trained on the built-in stories and chats, then `train.pretrain` and `train.fine
 Cross-entropy in nats per token. Held-out = the last 5% of the stories, never
 trained on. Two reference lines: ln(vocab) = {math.log(tok.vocab_size):.2f}, the loss of a uniform
 guess, and the unigram entropy of the training tokens, {unigram:.2f}: the loss of a model
-that knows how often each token occurs but ignores the context. The model gets there
-within a few dozen steps and may sit on that plateau for a while before it starts
-using the context; everything below the line is learned from the context.
+that knows how often each token occurs but ignores the context. Every model gets there
+within a few dozen steps; from the spec's reference init the hybrid then sat on that
+plateau for a hundred steps (docs/04), from Wyrd's it goes straight through. Everything
+below the line is learned from the context.
 """)
 rep.figure("03_pretrain_loss.svg", svg.line_plot(
     None, curves(pre_log, pre_final, loss_before), title="Pretraining on stories", xlabel="optimizer step",

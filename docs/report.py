@@ -23,9 +23,12 @@ import time
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def parse_args(description):
+def parse_args(description, extra=()):
+    """The shared flags, plus `extra`: (flag, help) pairs of an experiment's own string options."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny settings, a few seconds (what the tests run)")
+    for flag, help in extra:
+        p.add_argument(flag, help=help)
     p.add_argument("--out", default=None, help="folder for the .md/.svg/.json results "
                    "(default: docs/results, or a temporary folder with --quick)")
     # parse_known_args: inside Jupyter the kernel adds its own flags (-f kernel.json)

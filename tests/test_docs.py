@@ -87,7 +87,6 @@ def test_03_train_tiny(tmp_path):
     assert abs(n["loss_before"] - n["ln_vocab"]) < 0.3  # an untrained model guesses uniformly
     assert n["pretrain_val_loss"] < n["loss_before"] - 0.3
     assert n["finetune_val_loss"] < n["chat_loss_before"]
-    assert 0 <= n["reply_rate_before"] <= 1 and 0 <= n["reply_rate_after"] <= 1
 
 
 def test_04_recurrence_vs_attention(tmp_path):
@@ -96,8 +95,11 @@ def test_04_recurrence_vs_attention(tmp_path):
     assert {k: r["layout"] for k, r in runs.items()} == {"1": "AAA", "2": "RAR", "3": "RRA", "0": "RRR"}
     for r in runs.values():
         assert math.isfinite(r["val"]) and r["val"] < math.log(512)  # learned something
-        assert r["train_tok_s"] > 0 and r["decode_tok_s"] > 0
-    assert n["best"] in (0, 1, 2, 3)
+        assert 1.0 < r["val"] / r["bpb"] / math.log(2) < 6     # bits/byte: a BPE token holds a few bytes
+        assert r["init"] == "wyrd"
+    assert len({c[-1][0] for c in n["curves"].values()}) == 1          # every run has the same budget
+    assert {k: r["init"] for k, r in n["reference"].items()} == {"1": "reference", "3": "reference"}
+    assert [a["layout"] for a in n["ablations"]] == ["RRA"] * 3
     assert "| attention_every_n |" in md
 
 
