@@ -1774,14 +1774,32 @@ def _given(args):
     return {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
 
 
+# the smallest value each flag takes (0 means "off" where it is allowed; see --help)
+FLAG_MIN = {"steps": 1, "batch_size": 1, "grad_accum": 1, "seq_len": 1, "warmup": 0, "eval_every": 0,
+            "eval_batches": 1, "ckpt_every": 1, "log_every": 1, "seed": 0,
+            "lr": 0, "min_lr": 0, "weight_decay": 0, "grad_clip": 0}
+
+
+def check_config(cfg):
+    """Every training flag in range, before anything is built or written."""
+    for name, low in FLAG_MIN.items():
+        value = getattr(cfg, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DataError(f"{flag} must be a finite number, got {value}")
+        if value < low or (name == "lr" and value == 0):
+            raise DataError(f"{flag} must be {'> 0' if name == 'lr' else f'>= {low}'}, got {value}")
+    return cfg
+
+
 def _config(args, defaults, phase):
     given = _given(args)
     if args.resume:
         cfg, saved_phase = resume_config(args.out, given)
         if saved_phase != phase:
             raise wyrd.CheckpointError(f"{args.out}: the saved run is a {saved_phase} run, not {phase}")
-        return cfg
-    return replace(defaults, **{k: v for k, v in given.items() if v is not None})
+        return check_config(cfg)
+    return check_config(replace(defaults, **{k: v for k, v in given.items() if v is not None}))
 
 
 def _cmd_all(args):
@@ -1790,14 +1808,14 @@ def _cmd_all(args):
 
 
 def _cmd_pretrain(args):
-    _fresh(args)
     cfg = _config(args, PRETRAIN, "pretrain")
+    _fresh(args)
     pretrain(args.data, args.out, args.preset, args.tokenizer, cfg, args.resume)
 
 
 def _cmd_finetune(args):
-    _fresh(args)
     cfg = _config(args, FINETUNE, "finetune")
+    _fresh(args)
     finetune(args.data, args.init, args.out, cfg, args.resume, None if args.lang == "all" else args.lang)
 
 

@@ -292,6 +292,19 @@ def test_cli_errors_name_the_problem(tmp_path, tok, capsys):
     assert "exceeds the model's max_seq_len 128" in capsys.readouterr().err
 
 
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--ckpt-every", "0", "--ckpt-every must be >= 1, got 0"), ("--log-every", "0", "--log-every must be >= 1"),
+    ("--seq-len", "0", "--seq-len must be >= 1"), ("--batch-size", "0", "--batch-size must be >= 1"),
+    ("--grad-accum", "0", "--grad-accum must be >= 1"), ("--steps", "-5", "--steps must be >= 1, got -5"),
+    ("--lr", "nan", "--lr must be a finite number"), ("--lr", "0", "--lr must be > 0"),
+    ("--min-lr", "inf", "--min-lr must be a finite number"), ("--eval-every", "-1", "--eval-every must be >= 0")])
+def test_every_numeric_flag_is_checked_before_anything_is_written(tmp_path, capsys, flag, value, says):
+    out = tmp_path / "p.safetensors"
+    assert train.main(["pretrain", "--preset", "nano", "--out", str(out), flag, value]) == 2
+    assert says in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
 def test_a_new_run_refuses_to_replace_an_existing_one(tmp_path, tok, capsys):
     tok_path = str(tmp_path / "tokenizer.json")
     tok.save(tok_path)
