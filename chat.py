@@ -597,7 +597,11 @@ class ChatHandler(BaseHTTPRequestHandler):
         except ValueError:
             self.reply(411, "text/plain", b"Content-Length required")
             return None
-        if length > MAX_BODY or length < 0:
+        if length < 0:  # reading -1 bytes would wait for the client to close
+            self.close_connection = True
+            self.reply(400, "text/plain", b"Content-Length must be >= 0")
+            return None
+        if length > MAX_BODY:
             if length <= 16 * MAX_BODY:  # drop it, so the client reads the 413 rather than a reset
                 self.rfile.read(length)
             self.close_connection = True

@@ -460,6 +460,13 @@ def test_web_rejects_bad_requests(server):
     conn.endheaders()
     assert conn.getresponse().status == 413
     conn.close()
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    conn.putrequest("POST", "/api/chat")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", "-1")                      # would read until the client closes
+    conn.endheaders()
+    assert conn.getresponse().status == 400                     # at once, with the connection still open
+    conn.close()
     assert post(server, "/api/chat", {"message": "x" * 100_000})[0] == 413
     assert post(server, "/api/chat", {"message": "hi"}, content_type="text/plain")[0] == 415
     assert post(server, "/api/chat", b"{not json")[0] == 400
