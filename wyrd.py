@@ -866,6 +866,14 @@ def load(path, dtype=np.float32):
         if not np.array_equal(tensors["lm_head.weight"], tensors.get("embed_tokens.weight")):
             raise CheckpointError(f"{path}: config ties lm_head to embed_tokens but lm_head.weight differs")
         del tensors["lm_head.weight"]  # a tied copy written by another tool
+    # before allocating: a header's config must not imply more weights than the file holds
+    # (embedding + the FFNs alone are a lower bound), or n_layers=10**9 in a small file
+    # would build a model without bound
+    implied = config.vocab_size * config.d_model + config.n_layers * 3 * config.d_model * config.ffn_hidden
+    stored = sum(t.size for t in tensors.values())
+    if implied > stored:
+        raise CheckpointError(f"{path}: the config implies at least {implied:,} weights but the file holds "
+                              f"{stored:,}: truncated, or the config does not belong to these tensors")
     model = Chimera(config, dtype=dtype)
     try:
         model.load_state_dict(tensors)

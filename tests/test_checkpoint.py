@@ -465,6 +465,17 @@ def test_weights_not_matching_config(nano, tmp_path):
                  "layers.0.temporal_mix.q_proj.weight", "unexpected")
 
 
+
+@pytest.mark.parametrize("field, value", [("n_layers", 10 ** 9), ("d_model", 1 << 20), ("vocab_size", 10 ** 12)])
+def test_a_config_that_implies_more_weights_than_the_file_holds_is_refused_before_allocating(
+        nano, tmp_path, field, value, monkeypatch):
+    config = dict(nano.config.to_dict(), **{field: value})
+    if field == "d_model":
+        config.update(n_heads=1, n_kv_heads=1)
+    path = _write_model_file(tmp_path / "crafted.safetensors", nano_tensors(nano), {"config": json.dumps(config)})
+    monkeypatch.setattr(wyrd.Chimera, "__init__", lambda *a, **k: pytest.fail("built a model"))
+    expect_error(path, "the config implies at least", "weights but the file holds")
+
 def test_tied_lm_head_written_by_another_tool(nano, tmp_path):
     config = {"config": json.dumps(nano.config.to_dict())}
     same = dict(nano_tensors(nano), **{"lm_head.weight": nano.embed_tokens.weight.data.copy()})
