@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 
 from autograd import (FAST, N_PARTIAL, Tensor, cross_entropy, embedding, is_grad_enabled, linear,  # before numpy:
@@ -71,8 +72,8 @@ class ChimeraConfig:
             problems.append(f"attention_every_n must be an integer >= 0, got {self.attention_every_n!r}")
         for f in ("rms_norm_eps", "rope_theta", "c"):
             v = getattr(self, f)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
-                problems.append(f"{f} must be a positive number, got {v!r}")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+                problems.append(f"{f} must be a positive finite number, got {v!r}")
         if not isinstance(self.tie_word_embeddings, bool):
             problems.append(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
         if problems:
@@ -819,7 +820,7 @@ def read_safetensors(path, data=True):
                 dtype = DTYPES[info["dtype"]]
                 shape = tuple(int(s) for s in info["shape"])
                 begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: an offset of 1e400
                 raise bad(f"corrupted header entry {name!r}: expected dtype in {sorted(DTYPES)}, "
                           f"shape and data_offsets, got {info!r}") from None
             if min(shape, default=0) < 0 or not 0 <= begin <= end <= data_len:
@@ -871,6 +872,10 @@ def load(path, dtype=np.float32):
     # would build a model without bound
     implied = config.vocab_size * config.d_model + config.n_layers * 3 * config.d_model * config.ffn_hidden
     stored = sum(t.size for t in tensors.values())
+    not_float = sorted(n for n, t in tensors.items() if t.dtype.kind != "f")
+    if not_float:
+        raise CheckpointError(f"{path}: weights must be floating point (F32, F16, BF16 or F64); "
+                              f"{not_float[0]} is {tensors[not_float[0]].dtype}")
     if implied > stored:
         raise CheckpointError(f"{path}: the config implies at least {implied:,} weights but the file holds "
                               f"{stored:,}: truncated, or the config does not belong to these tensors")
@@ -879,6 +884,10 @@ def load(path, dtype=np.float32):
         model.load_state_dict(tensors)
     except ValueError as e:
         raise CheckpointError(f"{path}: weights do not match the config: {e}") from None
+    bad_values = [n for n, p in model.named_parameters() if not np.isfinite(p.data).all()]
+    if bad_values:  # loadable (to inspect it), but say so: it will produce NaN
+        print(f"warning: {path}: {len(bad_values)} tensor(s) hold NaN or Inf values, e.g. {bad_values[0]}",
+              file=sys.stderr)
     tokenizer = None
     if "tokenizer" in metadata:
         from tokenizer import Tokenizer, TokenizerError

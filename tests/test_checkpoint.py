@@ -476,6 +476,32 @@ def test_a_config_that_implies_more_weights_than_the_file_holds_is_refused_befor
     monkeypatch.setattr(wyrd.Chimera, "__init__", lambda *a, **k: pytest.fail("built a model"))
     expect_error(path, "the config implies at least", "weights but the file holds")
 
+
+def test_integer_weights_infinite_offsets_and_rope_theta_are_refused(nano, tmp_path):
+    config = {"config": json.dumps(nano.config.to_dict())}
+    ints = {n: t.view(np.int32) for n, t in nano_tensors(nano).items()}   # F32 bytes labelled I32
+    expect_error(_write_model_file(tmp_path / "ints.safetensors", ints, config), "floating point", "int32")
+    path = tmp_path / "inf_offset.safetensors"
+    path.write_bytes(raw_file({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1e400]}}, b"\0" * 4))
+    expect_error(path, "corrupted header entry 'a'")
+    theta = {"config": json.dumps(dict(nano.config.to_dict(), rope_theta=float("inf")))}
+    expect_error(_write_model_file(tmp_path / "theta.safetensors", nano_tensors(nano), theta),
+                 "rope_theta must be a positive finite number")
+
+
+def test_nan_weights_load_with_a_warning(nano, tmp_path, capsys):
+    tensors = nano_tensors(nano)
+    tensors["norm.weight"] = tensors["norm.weight"].copy()
+    tensors["norm.weight"][3] = np.nan
+    path = _write_model_file(tmp_path / "nan.safetensors", tensors, {"config": json.dumps(nano.config.to_dict())})
+    model = wyrd.load(str(path))[0]
+    assert np.isnan(model.norm.weight.data[3])
+    err = capsys.readouterr().err
+    assert str(path) in err and "NaN or Inf" in err and "norm.weight" in err
+    wyrd.save(str(tmp_path / "ok.safetensors"), nano)
+    wyrd.load(str(tmp_path / "ok.safetensors"))
+    assert "NaN" not in capsys.readouterr().err
+
 def test_tied_lm_head_written_by_another_tool(nano, tmp_path):
     config = {"config": json.dumps(nano.config.to_dict())}
     same = dict(nano_tensors(nano), **{"lm_head.weight": nano.embed_tokens.weight.data.copy()})
