@@ -609,7 +609,7 @@ class ChatHandler(BaseHTTPRequestHandler):
             return None
         try:
             body = json.loads(self.rfile.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             body = None
         if not isinstance(body, dict):
             self.reply(400, "text/plain", b"the body must be a JSON object")

@@ -343,7 +343,7 @@ class Tokenizer:
     def from_json(cls, text, source="tokenizer JSON"):
         try:
             doc = json.loads(text)
-        except (json.JSONDecodeError, TypeError) as e:
+        except (json.JSONDecodeError, TypeError, RecursionError) as e:
             raise TokenizerError(f"{source}: not valid JSON ({e})") from None
         return cls(*_parse_tokenizer_json(doc, source))
 

@@ -718,6 +718,8 @@ def _json_array(f, where, chunk=1 << 20):
                 raise DataError(f"{where}: invalid JSON at character {offset + e.pos}: {e.msg}") from None
             fill()
             continue
+        except RecursionError:
+            raise DataError(f"{where}: invalid JSON after character {offset + pos}: nested too deeply") from None
         pos = end
         yield obj
         c = peek()
@@ -738,7 +740,7 @@ def _jsonl(path, skips):
                 raise DataError(f"{path}: this is a JSON array; expected JSONL (one JSON object per line)")
             try:
                 obj = json.loads(line)
-            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nested too deep
                 skips(n, f"not valid JSON ({e})")
                 continue
             if not isinstance(obj, dict):
@@ -1399,7 +1401,7 @@ def read_train_state(out):
         raise wyrd.CheckpointError(f"{path}: no training state to resume from (run without --resume to start)")
     try:
         model_step = json.loads(wyrd.read_safetensors(out, data=False)[1].get("meta", "{}")).get("step")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         raise wyrd.CheckpointError(f"{out}: bad __metadata__['meta']; cannot tell which step it holds") from None
     steps = {}
     for candidate in (path, prev):
@@ -1407,7 +1409,7 @@ def read_train_state(out):
             tensors, metadata = wyrd.read_safetensors(candidate)
             try:
                 state = json.loads(metadata["wyrd_train_state"])
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, RecursionError):
                 raise wyrd.CheckpointError(f"{candidate}: not a Wyrd training state (no wyrd_train_state "
                                            "metadata)") from None
             if state.get("step") == model_step:

@@ -806,7 +806,7 @@ def read_safetensors(path, data=True):
             raise bad(f"not a safetensors file or truncated: header length {n} exceeds the file's {size - 8} bytes")
         try:
             header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise bad(f"corrupted header: not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise bad("corrupted header: expected a JSON object")
@@ -861,7 +861,7 @@ def load(path, dtype=np.float32):
         raise CheckpointError(f"{path}: no model config in __metadata__['config']; was it written by wyrd.save?")
     try:
         config = ChimeraConfig.from_dict(json.loads(metadata["config"]))
-    except (json.JSONDecodeError, TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: bad model config in __metadata__: {e}") from None
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         if not np.array_equal(tensors["lm_head.weight"], tensors.get("embed_tokens.weight")):
@@ -897,6 +897,6 @@ def load(path, dtype=np.float32):
             raise CheckpointError(f"{path}: bad tokenizer in __metadata__: {e}") from None
     try:
         meta = json.loads(metadata.get("meta", "{}"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: bad __metadata__['meta']: {e}") from None
     return model, tokenizer, meta

@@ -470,6 +470,7 @@ def test_web_rejects_bad_requests(server):
     assert post(server, "/api/chat", {"message": "x" * 100_000})[0] == 413
     assert post(server, "/api/chat", {"message": "hi"}, content_type="text/plain")[0] == 415
     assert post(server, "/api/chat", b"{not json")[0] == 400
+    assert post(server, "/api/chat", b"[" * 10_000 + b"]" * 10_000)[0] == 400     # nested too deeply
     assert post(server, "/api/chat", {"text": "hi"})[0] == 400
     assert post(server, "/api/nothing", {})[0] == 404
     _, cookie = ask(server, "Hello")

@@ -502,6 +502,21 @@ def test_nan_weights_load_with_a_warning(nano, tmp_path, capsys):
     wyrd.load(str(tmp_path / "ok.safetensors"))
     assert "NaN" not in capsys.readouterr().err
 
+
+def test_deeply_nested_json_in_a_header_or_its_metadata_is_a_checkpoint_error(nano, tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "deep_header.safetensors"
+    path.write_bytes(raw_file(deep.encode(), b""))
+    expect_error(path, "not valid JSON")
+    for key in ("config", "meta", "tokenizer"):
+        metadata = {"config": json.dumps(nano.config.to_dict()), key: deep}
+        expect_error(_write_model_file(tmp_path / f"deep_{key}.safetensors", nano_tensors(nano), metadata), key)
+    tok_file = tmp_path / "tokenizer.json"
+    tok_file.write_text(deep)
+    from tokenizer import Tokenizer, TokenizerError
+    with pytest.raises(TokenizerError, match="not valid JSON"):
+        Tokenizer.load(str(tok_file))
+
 def test_tied_lm_head_written_by_another_tool(nano, tmp_path):
     config = {"config": json.dumps(nano.config.to_dict())}
     same = dict(nano_tensors(nano), **{"lm_head.weight": nano.embed_tokens.weight.data.copy()})

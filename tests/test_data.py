@@ -255,6 +255,19 @@ def test_story_tokens_are_cached_beside_the_source_and_reused(tmp_path, tok, mon
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
 
+
+def test_deeply_nested_json_is_a_malformed_record_not_a_crash(tmp_path, capsys):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    chats = tmp_path / "chats.jsonl"
+    chats.write_bytes(b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+                      + deep + b"\n")
+    assert len(list(train.iter_chats(str(chats)))) == 1
+    assert "chats.jsonl:2: skipped" in capsys.readouterr().err
+    shard = tmp_path / "shard.json"
+    shard.write_bytes(b'[{"story": "A cat."}, ' + deep + b"]")
+    with pytest.raises(train.DataError, match="nested too deeply"):
+        list(train.iter_stories(str(shard)))
+
 def test_a_killed_cache_build_leaves_no_temporary_file_behind(tmp_path, tok):
     import subprocess
     import sys
