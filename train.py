@@ -821,6 +821,12 @@ def _message_chats(records, skips, lang, path):
                 and isinstance(m.get("text"), str)):
             skips(n, "expected an OASST message with 'message_id', 'parent_id', 'role' (prompter|assistant) and 'text'")
             continue
+        if not (m.get("parent_id") is None or isinstance(m.get("parent_id"), str)):
+            skips(n, f"parent_id must be a string or null, got {type(m['parent_id']).__name__}")
+            continue
+        if m["message_id"] in nodes:
+            skips(n, f"duplicate message_id {m['message_id'][:40]!r}: the first one is kept")
+            continue
         node = {k: m.get(k) for k in ("role", "text", "lang", "rank", "deleted", "review_result", "parent_id")}
         node["replies"] = []
         nodes[m["message_id"]] = node
@@ -863,20 +869,23 @@ def flatten_oasst(prompt, lang="en"):
         ranked = isinstance(r, (int, float)) and not isinstance(r, bool)
         return (0, r) if ranked else (1, 0)
 
-    def walk(user, before):  # -> number of conversations emitted below `user`
+    def best_answer(user):
         answers = [m for m in user.get("replies", []) if usable(m, "assistant")]
-        if not answers:
-            return 0
-        best = min(answers, key=rank)
+        return min(answers, key=rank) if answers else None
+
+    # depth first with a stack, not recursion: a chain of thousands of turns is valid data
+    stack = [(prompt, [])] if usable(prompt, "prompter") else []
+    while stack:
+        user, before = stack.pop()
+        best = best_answer(user)
+        if best is None:
+            continue
         chat = before + [{"role": "user", "content": user["text"].strip()},
                          {"role": "assistant", "content": best["text"].strip()}]
-        found = sum([walk(m, chat) for m in best.get("replies", []) if usable(m, "prompter")])
-        if not found:  # no user turn continues it: this is a leaf conversation
+        follow = [m for m in best.get("replies", []) if usable(m, "prompter") and best_answer(m) is not None]
+        if not follow:  # no user turn continues it: this is a leaf conversation
             chats.append(chat)
-        return max(found, 1)
-
-    if usable(prompt, "prompter"):
-        walk(prompt, [])
+        stack.extend((m, chat) for m in reversed(follow))  # reversed: popped in file order
     return chats
 
 

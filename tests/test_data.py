@@ -268,6 +268,26 @@ def test_deeply_nested_json_is_a_malformed_record_not_a_crash(tmp_path, capsys):
     with pytest.raises(train.DataError, match="nested too deeply"):
         list(train.iter_stories(str(shard)))
 
+
+def test_oasst_messages_with_bad_parent_ids_duplicates_and_a_long_chain(tmp_path, capsys):
+    msgs = [{"message_id": "r", "parent_id": None, "role": "prompter", "text": "Hi", "lang": "en"},
+            {"message_id": "a", "parent_id": "r", "role": "assistant", "text": "Hello", "lang": "en"},
+            {"message_id": "x", "parent_id": ["r"], "role": "assistant", "text": "Bad", "lang": "en"},
+            {"message_id": "a", "parent_id": "r", "role": "assistant", "text": "Again", "lang": "en"}]
+    parent = "a"
+    for i in range(3000):                                   # one conversation of 3,002 turns
+        msgs.append({"message_id": f"m{i}", "parent_id": parent, "role": ("prompter", "assistant")[i % 2],
+                     "text": f"turn {i}", "lang": "en"})
+        parent = f"m{i}"
+    path = tmp_path / "oasst_messages.jsonl"
+    path.write_text("".join(json.dumps(m) + "\n" for m in msgs))
+    chats = list(train.iter_chats(str(path)))
+    assert len(chats) == 1 and len(chats[0]) == 3002
+    assert chats[0][1]["content"] == "Hello" and chats[0][-1]["content"] == "turn 2999"
+    err = capsys.readouterr().err
+    assert "oasst_messages.jsonl:3: skipped" in err and "parent_id must be a string or null, got list" in err
+    assert "oasst_messages.jsonl:4: skipped" in err and "duplicate message_id 'a'" in err
+
 def test_a_killed_cache_build_leaves_no_temporary_file_behind(tmp_path, tok):
     import subprocess
     import sys
