@@ -632,7 +632,13 @@ class ChatHandler(BaseHTTPRequestHandler):
 
 
 def serve(model, tok, settings, system, host, port):
-    server = ChatServer((host, port), model, tok, settings, system)
+    try:
+        if not 0 <= port <= 65535:
+            raise OSError("the port must be in [0, 65535]")
+        server = ChatServer((host, port), model, tok, settings, system)
+    except OSError as e:  # in use, not permitted, or an address this machine does not have
+        print(f"error: cannot serve on --host {host} --port {port}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(2) from None
     host, port = server.server_address[:2]
     print(f"Wyrd web chat on http://{host}:{port}/  (Ctrl-C stops the server)", file=sys.stderr, flush=True)
     if host not in ("127.0.0.1", "::1", "localhost"):

@@ -1849,6 +1849,9 @@ def main(argv=None):
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # disk full, a missing or read-only folder: the last checkpoint is kept
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # outside the training loop (which saves first), or a second Ctrl-C
         print("\ninterrupted", file=sys.stderr)
         return 130

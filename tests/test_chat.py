@@ -299,6 +299,21 @@ def test_one_shot_and_raw_and_end_of_input(babbler_file):
     assert r.returncode == 0 and r.stdout.endswith("\n") and not r.stderr
 
 
+
+def test_serve_on_a_bad_port_or_host_says_so_in_one_line(babbler_file):
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        for flags, says in [(["--port", "70000"], "the port must be in [0, 65535]"),
+                            (["--port", str(taken.getsockname()[1])], "in use"),
+                            (["--host", "203.0.113.1"], "cannot serve on --host 203.0.113.1")]:
+            r = run_chat(["--checkpoint", babbler_file, "--serve", *flags])
+            assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    finally:
+        taken.close()
+
 def test_missing_checkpoint_says_how_to_make_one(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py")], capture_output=True, text=True,
                        cwd=tmp_path, timeout=60)

@@ -305,6 +305,12 @@ def test_every_numeric_flag_is_checked_before_anything_is_written(tmp_path, caps
     assert says in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
+
+def test_convert_into_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert train.main(["convert", "builtin:3", str(tmp_path / "no" / "such" / "chats.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No such file or directory" in err and "chats.jsonl" in err
+
 def test_a_new_run_refuses_to_replace_an_existing_one(tmp_path, tok, capsys):
     tok_path = str(tmp_path / "tokenizer.json")
     tok.save(tok_path)
