@@ -523,9 +523,18 @@ class ChatServer(ThreadingHTTPServer):
 
     def __init__(self, address, model, tok, settings, system=DEFAULT_SYSTEM):
         super().__init__(address, ChatHandler)
+        host = address[0]
+        # Host headers we answer: a page on another site that points a DNS name at this
+        # address (DNS rebinding) sends its own name and is refused. Bound to every
+        # address (0.0.0.0, ::), the user asked to be reached by any name.
+        self.hosts = None if host in ("", "0.0.0.0", "::") else {host, "localhost", "127.0.0.1", "::1"}
         self.model, self.tok, self.settings, self.system = SharedModel(model), tok, settings, system
         self.sessions = OrderedDict()   # session id -> WebSession, least recently used first
         self.sessions_lock = threading.Lock()
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            super().handle_error(request, client_address)  # a client that left is not an error
 
     def session(self, sid):
         """-> (session id, WebSession); a new one for an unknown or missing id."""
@@ -545,12 +554,26 @@ class ChatHandler(BaseHTTPRequestHandler):
     server_version = "Wyrd"
     timeout = 60  # seconds a client may take to send its request
 
+    def host_refused(self):
+        """Answer 421 to a Host header that is not one of the server's names."""
+        host = self.headers.get("Host", "")
+        name = host[1:host.find("]")] if host.startswith("[") else host.split(":")[0]  # no port
+        if self.server.hosts is None or name in self.server.hosts:
+            return False
+        self.close_connection = True
+        self.reply(421, "text/plain", b"unexpected Host header: start chat.py with --host set to this name")
+        return True
+
     def do_GET(self):
+        if self.host_refused():
+            return
         if self.path.split("?")[0] != "/":
             return self.reply(404, "text/plain", b"not found")
         self.reply(200, "text/html; charset=utf-8", PAGE.encode("utf-8"))
 
     def do_POST(self):
+        if self.host_refused():
+            return
         if self.path not in ("/api/chat", "/api/reset"):
             return self.reply(404, "text/plain", b"not found")
         body = self.read_json()
@@ -695,7 +718,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"per reply (default: {d.max_tokens})")
     p.add_argument("--seed", type=int, default=None, help="for reproducible replies (default: random)")
     p.add_argument("--serve", action="store_true", help="run the local web chat instead of the REPL")
-    p.add_argument("--host", default="127.0.0.1", help="web chat address (default: 127.0.0.1, this machine only)")
+    p.add_argument("--host", default="127.0.0.1", help="web chat address; requests naming another host are "
+                   "refused, unless it is 0.0.0.0 (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=5000, help="web chat port (default: 5000)")
     args = p.parse_args(argv)
     try:

@@ -467,6 +467,29 @@ def test_web_page_and_streamed_replies_per_session(server, tok):
     assert len(server.sessions[sid].conv.messages) == 1
 
 
+
+def test_web_answers_only_its_own_host_names(server, capfd):
+    port = server.server_address[1]
+    for host, status in [("evil.example", 421), (f"evil.example:{port}", 421), (f"localhost:{port}", 200),
+                         (f"127.0.0.1:{port}", 200), ("[::1]", 200)]:
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        conn.request("GET", "/", headers={"Host": host})
+        assert conn.getresponse().status == status, host
+        conn.close()
+    assert post(server, "/api/chat", {"message": "hi"}, headers={"Host": "evil.example"})[0] == 421
+    capfd.readouterr()
+    for error in (BrokenPipeError(), ConnectionResetError()):   # a client that left: nothing in the log
+        try:
+            raise error
+        except OSError:
+            server.handle_error(None, ("127.0.0.1", 1))
+    assert capfd.readouterr().err == ""
+    try:
+        raise ValueError("a real bug")
+    except ValueError:
+        server.handle_error(None, ("127.0.0.1", 1))
+    assert "a real bug" in capfd.readouterr().err
+
 def test_web_rejects_bad_requests(server):
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
     conn.putrequest("POST", "/api/chat")
