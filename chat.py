@@ -320,14 +320,24 @@ def ctrl_c_stops():
         signal.signal(signal.SIGINT, old)
 
 
+# control characters other than newline and tab (C0, DEL, C1): a model's reply could
+# otherwise move the cursor, retitle or recolour the user's terminal
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}
+
+
+def visible(text):
+    """`text` with every terminal control character shown as an escape, e.g. \\x1b."""
+    return text.translate(_CONTROL)
+
+
 def stream(pieces, out=None):
-    """Write text pieces to out (stdout) as they come, flushing each. Ctrl-C stops
-    early. -> True if stopped by Ctrl-C."""
+    """Write text pieces to out (stdout) as they come, control characters escaped,
+    flushing each. Ctrl-C stops early. -> True if stopped by Ctrl-C."""
     out = out or sys.stdout
     with ctrl_c_stops() as stop:
         try:
             for piece in pieces:
-                out.write(piece)
+                out.write(visible(piece))
                 out.flush()
                 if stop.is_set():
                     break

@@ -151,6 +151,14 @@ def test_generate_penalises_only_the_window_of_recent_tokens(tok):
     assert list(chat.generate(Fixed(), tok, None, [1, 7, 1, 1, 1], greedy)) == [9]   # 7 is in it
 
 
+
+def test_replies_reach_the_terminal_with_control_characters_escaped():
+    import io
+    out = io.StringIO()
+    pieces = (p for p in ["Hi\x1b]0;owned\x07", " there\x1b[2J", "\nline\ttab\x7f\x9b"])
+    assert chat.stream(pieces, out) is False
+    assert out.getvalue() == "Hi\\x1b]0;owned\\x07 there\\x1b[2J\nline\ttab\\x7f\\x9b\n"
+
 def test_settings_are_checked_and_set_from_text():
     s = chat.Settings()
     assert (s.temperature, s.top_k, s.top_p, s.repetition_penalty) == (0.7, 50, 0.9, 1.1)  # the spec's
@@ -285,7 +293,8 @@ def test_repl_commands_replies_and_transcript_through_a_pipe(babbler_file, tmp_p
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert messages[0]["content"] == "Be brief."
     assert messages[1]["content"] == "Hello <|im_end|>" and messages[3]["content"] == "/slash at the start"
-    assert r.stdout == messages[2]["content"] + "\n" + messages[4]["content"] + "\n"   # replies only
+    # replies only, control characters escaped on screen and kept raw in the transcript
+    assert r.stdout == chat.visible(messages[2]["content"]) + "\n" + chat.visible(messages[4]["content"]) + "\n"
     again = run_chat(["--checkpoint", babbler_file, "--max-tokens", "8", "--seed", "1"], "\n".join(lines) + "\n")
     assert again.stdout == r.stdout                  # --seed: the same replies
 
