@@ -1709,6 +1709,11 @@ def _training_flags(p, defaults):
                        default=None, help=f"{FLAG_HELP[f.name]} (default: {getattr(defaults, f.name)})")
 
 
+def _run_flags(p):
+    p.add_argument("--resume", action="store_true", help="continue the run stopped at --out (default: off)")
+    p.add_argument("--overwrite", action="store_true", help="start over, replacing the run at --out (default: off)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1723,8 +1728,7 @@ def build_parser():
                                    "(held-out losses, samples, reply check).")
     p.add_argument("--out", default="out/wyrd.safetensors", help="checkpoint file (default: out/wyrd.safetensors)")
     p.add_argument("--preset", default="tiny", choices=list(wyrd.PRESETS), help="model size (default: tiny)")
-    p.add_argument("--resume", action="store_true", help="continue the run stopped at --out (default: off)")
-    p.add_argument("--overwrite", action="store_true", help="start over, replacing the run at --out (default: off)")
+    _run_flags(p)
     p.set_defaults(func=_cmd_all)
 
     p = sub.add_parser("pretrain", help="pretrain on stories",
@@ -1736,8 +1740,7 @@ def build_parser():
                                        "(default: train one on the data, with the preset's vocabulary size)")
     p.add_argument("--out", default="out/pretrain.safetensors", help="checkpoint file; the metrics log is "
                    "beside it with the same stem and .jsonl (default: out/pretrain.safetensors)")
-    p.add_argument("--resume", action="store_true", help="continue the run stopped at --out (default: off)")
-    p.add_argument("--overwrite", action="store_true", help="start over, replacing the run at --out (default: off)")
+    _run_flags(p)
     _training_flags(p, PRETRAIN)
     p.set_defaults(func=_cmd_pretrain)
 
@@ -1750,8 +1753,7 @@ def build_parser():
     p.add_argument("--lang", default="en", help="OASST language to keep, 'all' for every one (default: en)")
     p.add_argument("--out", default="out/wyrd.safetensors", help="checkpoint file; the metrics log is "
                    "beside it with the same stem and .jsonl (default: out/wyrd.safetensors)")
-    p.add_argument("--resume", action="store_true", help="continue the run stopped at --out (default: off)")
-    p.add_argument("--overwrite", action="store_true", help="start over, replacing the run at --out (default: off)")
+    _run_flags(p)
     _training_flags(p, FINETUNE)
     p.set_defaults(func=_cmd_finetune)
 
