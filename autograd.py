@@ -17,39 +17,11 @@ that is faster or numerically safer than composing primitives. The Numba kernels
 uses them, and become differentiable ops through the same `Tensor.make`.
 """
 import contextlib
-import os
 
-# Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores.
-# By default both spin for a while after each parallel region, stealing the core
-# the other needs next: a training step measured 2-4x slower. Ask both to sleep
-# instead. This must run before NumPy first loads OpenBLAS, so wyrd.py, train.py
-# and chat.py import this module before numpy.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+import runtime  # noqa: F401  (first: the thread policy must be in place when NumPy loads)
 
-
-def _keep_freed_memory():
-    """glibc serves large arrays with fresh mmap pages and unmaps them on free, so a
-    training step re-faults every activation it allocates: on this 2-core VM that
-    was 10-35% of the step (tiny: 60 ms of 490; medium: 1 s of sys time per step).
-    Ask malloc to serve them from its heap and keep freed memory for the next step.
-    Linux/glibc only; elsewhere this does nothing."""
-    import ctypes
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl, Windows)
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    # glibc before 2.35ish caps the mmap threshold at 32 MiB; fixing the trim threshold
-    # alone would freeze malloc's own adaptive thresholds and make things worse
-    if mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20):
-        mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
-
-
-_keep_freed_memory()
-
-import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+import numpy as np
+from numba import njit, prange
 
 _grad_enabled = True
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the loops,

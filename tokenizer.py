@@ -40,15 +40,16 @@ Lone surrogates (not valid Unicode) are encoded as U+FFFD.
 import codecs
 import heapq
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from itertools import chain
 
+from runtime import atomic_write
+
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+EOT, IM_START, IM_END = SPECIAL_TOKENS
 DEFAULT_SYSTEM = "You are Wyrd, a helpful AI assistant."
 ROLES = ("system", "user", "assistant")
 
@@ -184,15 +185,15 @@ class Tokenizer:
 
     @property
     def eot_id(self):
-        return self.special_ids.get("<|endoftext|>")
+        return self.special_ids.get(EOT)
 
     @property
     def im_start_id(self):
-        return self.special_ids.get("<|im_start|>")
+        return self.special_ids.get(IM_START)
 
     @property
     def im_end_id(self):
-        return self.special_ids.get("<|im_end|>")
+        return self.special_ids.get(IM_END)
 
     # ------------------------------------------------------------------ training
 
@@ -348,8 +349,9 @@ class Tokenizer:
         return cls(*_parse_tokenizer_json(doc, source))
 
     def save(self, path):
-        """Write tokenizer.json atomically (temp file in the same folder, then os.replace)."""
-        _atomic_write(path, self.to_json())
+        """Write tokenizer.json (atomically: runtime.atomic_write)."""
+        with atomic_write(path, "w") as f:
+            f.write(self.to_json())
 
     @classmethod
     def load(cls, path):
@@ -565,21 +567,3 @@ def _parse_tokenizer_json(doc, source):
         created[new] = r
         merges.append((a, b))
     return vocab, merges, special_ids
-
-
-def _atomic_write(path, text):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

@@ -24,6 +24,8 @@ import numpy as np
 import numba
 from numba import njit, prange
 
+from runtime import atomic_write
+
 # ---------------------------------------------------------------------------
 # Configuration
 
@@ -749,7 +751,7 @@ MAX_HEADER = 100 * 1024 * 1024
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """Write name -> array as a safetensors file, atomically (temp file, then rename)."""
+    """Write name -> array as a safetensors file (atomically: runtime.atomic_write)."""
     header, offset = {}, 0
     arrays = {}
     for name, arr in tensors.items():
@@ -768,20 +770,12 @@ def write_safetensors(path, tensors, metadata=None):
         header["__metadata__"] = dict(metadata)
     blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
     blob += b" " * (-len(blob) % 8)  # pad so the buffers start 8-byte aligned
-    tmp = f"{path}.tmp{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for arr in arrays.values():
-                f.write(memoryview(arr.reshape(-1)).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_write(path) as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for arr in arrays.values():
+            f.write(memoryview(arr.reshape(-1)).cast("B"))
 
 
 def read_safetensors(path, data=True):
@@ -854,15 +848,25 @@ def save(path, model, tokenizer=None, **meta):
     write_safetensors(path, model.state_dict(), metadata)
 
 
-def load(path, dtype=np.float32):
-    """-> (model, tokenizer or None, meta dict)."""
-    tensors, metadata = read_safetensors(path)
+def _config_of(path, metadata):
     if "config" not in metadata:
         raise CheckpointError(f"{path}: no model config in __metadata__['config']; was it written by wyrd.save?")
     try:
-        config = ChimeraConfig.from_dict(json.loads(metadata["config"]))
+        return ChimeraConfig.from_dict(json.loads(metadata["config"]))
     except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: bad model config in __metadata__: {e}") from None
+
+
+def read_config(path):
+    """The ChimeraConfig of a checkpoint, from its header alone (no weights are read)."""
+    return _config_of(path, read_safetensors(path, data=False)[1])
+
+
+def load(path, dtype=np.float32):
+    """-> (model, tokenizer or None, meta dict). The model is built in `dtype` whatever
+    the file stores (float32 by default, also from a float64 or bf16 file)."""
+    tensors, metadata = read_safetensors(path)
+    config = _config_of(path, metadata)
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         if not np.array_equal(tensors["lm_head.weight"], tensors.get("embed_tokens.weight")):
             raise CheckpointError(f"{path}: config ties lm_head to embed_tokens but lm_head.weight differs")

@@ -21,17 +21,18 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import chat  # noqa: E402  (imports wyrd, and so the thread policy, before numpy)
-import wyrd  # noqa: E402
+import wyrd  # noqa: E402  (first: the thread policy must be in place when NumPy loads)
+import chat  # noqa: E402
+import sampling  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 
 def time_turn(model, tok, state, chunk, new):
     """-> (seconds to the first token, tokens/s after it) for one turn from `state` (a copy is used)."""
-    settings = chat.Settings(max_tokens=new, seed=0)
+    settings = sampling.Settings(max_tokens=new, seed=0)
     t0 = time.perf_counter()
-    gen = chat.generate(model, tok, state.copy(), chunk, settings, stop_ids=set())
+    gen = sampling.generate(model, tok, state.copy(), chunk, settings, stop_ids=set())
     next(gen)
     t1 = time.perf_counter()
     n = sum(1 for _ in gen)
@@ -53,8 +54,8 @@ def bench(name, model, tok, history, new, repeats):
     model.step(np.asarray([system]), state)
     time_turn(model, tok, state, chunk, 4)  # warm up (Numba cache, BLAS buffers)
     for label, extra in (("start", 0), (f"after {history}", history)):
-        for i in range(0, extra, chat.PREFILL_CHUNK):  # history: random ids, fed as a long turn would be
-            model.step(rng.integers(0, V, (1, min(chat.PREFILL_CHUNK, extra - i))), state)
+        for i in range(0, extra, sampling.PREFILL_CHUNK):  # history: random ids, fed as a long turn would be
+            model.step(rng.integers(0, V, (1, min(sampling.PREFILL_CHUNK, extra - i))), state)
         runs = [time_turn(model, tok, state, chunk, new) for _ in range(repeats)]
         ttft, rate = [r[0] for r in runs], [r[1] for r in runs]
         print(f"{name:24s} {label:10s} context {state.pos:5d}: first token {np.median(ttft) * 1e3:7.1f} ms "

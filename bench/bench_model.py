@@ -6,8 +6,8 @@
 utilisation = 6 x parameters x tokens/s / (float32 matmul FLOP/s measured in the same run)
 decode bound = matrix-vector GB/s / bytes of weights read per token
 
-Decoding is measured in a process of its own under chat.py's thread policy,
-as the REPL runs it.
+Decoding is measured in a process of its own under chat.py's thread policy
+(runtime.py), as the REPL runs it.
 """
 import argparse
 import os
@@ -16,12 +16,11 @@ import subprocess
 import sys
 import time
 
-# The environment as given, before autograd fills in training's thread policy: the
-# decode child must get chat.py's policy, not inherit training's.
+# The environment as given, before runtime.py fills in training's thread policy: the
+# decode child gets chat.py's policy instead.
 GIVEN_ENV = dict(os.environ)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-if "decode" in sys.argv:
-    import chat  # noqa: F401,E402  (chat's BLAS thread policy, set before NumPy loads)
+import runtime  # noqa: E402
 from bench_kernels import matmul_gflops, matvec_gbps  # noqa: E402
 from wyrd import Chimera, get_config  # noqa: E402
 
@@ -84,12 +83,16 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["tiny", "medium", "decode"], default=None)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--decode-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.only == "decode":
+    if args.decode_child:
         decode_rate("medium", [64, 4096], 64)
         sys.exit()
-    if args.only is None:  # first, while this process is still small
-        subprocess.run([sys.executable, __file__, "--only", "decode"], check=True, env=GIVEN_ENV)
+    if args.only in (None, "decode"):  # first, while this process is still small
+        subprocess.run([sys.executable, __file__, "--decode-child"], check=True,
+                       env={"OPENBLAS_THREAD_TIMEOUT": runtime.DECODE_BLAS_TIMEOUT, **GIVEN_ENV})
+    if args.only == "decode":
+        sys.exit()
     peak = matmul_gflops()
     print(f"machine: {os.cpu_count()} cores, float32 matmul {peak:.0f} GFLOP/s")
     if args.only in (None, "tiny"):

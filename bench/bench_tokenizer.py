@@ -1,7 +1,7 @@
 """
 Tokenizer benchmark: train a BPE vocabulary on ~10 MB of stories, then time encoding.
 
-    python bench/bench_tokenizer.py                      # stories from train.builtin_stories
+    python bench/bench_tokenizer.py                      # stories from corpus.builtin_stories
     python bench/bench_tokenizer.py --text stories.txt   # a text file (documents split on <|endoftext|>),
                                                          # repeated until --mb megabytes
 
@@ -31,10 +31,7 @@ def load_documents(path, mb):
 
 
 def builtin_documents(mb):
-    try:
-        from train import builtin_stories
-    except ImportError:
-        sys.exit("train.builtin_stories is not available yet; pass --text PATH (e.g. a TinyStories .txt file)")
+    from corpus import builtin_stories
     sample = builtin_stories(200, seed=0)
     per_story = sum(len(s.encode()) for s in sample) / len(sample)
     return builtin_stories(int(mb * 1e6 / per_story) + 1, seed=0)

@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 
 import report  # noqa: E402
 import svg  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 import wyrd  # noqa: E402
 from autograd import Tensor, embedding, no_grad  # noqa: E402
@@ -193,7 +194,7 @@ def gates(layer, xin):
     return r, -c * r * log_a
 
 
-_, val_tokens, _ = train.load_tokens([STORIES], tok, work)
+_, val_tokens, _ = data.load_tokens([STORIES], tok, work)
 text = np.asarray(val_tokens[:IMPULSE_T + 1, 0], dtype=np.int64)[None, :IMPULSE_T]  # [1, T] held-out
 trained64, init64 = in_float64(model), in_float64(init)
 inputs = {"init": mix_inputs(init64, text), "trained": mix_inputs(trained64, text)}

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 import report  # noqa: E402
 import svg  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 import wyrd  # noqa: E402
 
@@ -62,7 +63,7 @@ work = tempfile.mkdtemp(prefix="wyrd-train-tiny-")
 
 # %%
 t0 = time.time()
-texts = itertools.chain(train.tokenizer_texts([STORIES]), train.tokenizer_texts([CHATS], chat=True))
+texts = itertools.chain(data.tokenizer_texts([STORIES]), data.tokenizer_texts([CHATS], chat=True))
 tok = train.train_tokenizer(texts, wyrd.get_config(PRESET).vocab_size)
 print(tok, f"{time.time() - t0:.1f}s")
 
@@ -75,8 +76,8 @@ print(tok, f"{time.time() - t0:.1f}s")
 # %%
 config = replace(wyrd.get_config(PRESET), vocab_size=tok.vocab_size)
 untrained = wyrd.Chimera(config, seed=PRE.seed)
-train_tok, val_tok, _ = train.load_tokens([STORIES], tok, work)
-story_val = train.Rows.stream(val_tok, PRE.seq_len, tok.eot_id)
+train_tok, val_tok, _ = data.load_tokens([STORIES], tok, work)
+story_val = data.Rows.stream(val_tok, PRE.seq_len, tok.eot_id)
 loss_before = train.evaluate(untrained, story_val, PRE)
 # the loss of a model that knows token frequencies but ignores context: the unigram entropy
 counts = np.bincount(np.asarray(train_tok[:, 0]), minlength=tok.vocab_size)
@@ -112,8 +113,8 @@ print(stories_after[0])
 # conversations with the assistant-only loss mask.
 
 # %%
-chat_train, chat_val_tok, _ = train.load_tokens([CHATS], tok, work, chat=True)
-chat_val = train.Rows.packed(chat_val_tok, FT.seq_len, tok.eot_id)
+chat_train, chat_val_tok, _ = data.load_tokens([CHATS], tok, work, chat=True)
+chat_val = data.Rows.packed(chat_val_tok, FT.seq_len, tok.eot_id)
 chat_loss_before = train.evaluate(model, chat_val, FT)
 rate_before, replies_before = train.reply_check(model, tok, n=N_CHATS, max_new=CHAT_NEW)
 

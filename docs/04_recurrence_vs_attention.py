@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 import report  # noqa: E402
 import svg  # noqa: E402
+import data  # noqa: E402
 import train  # noqa: E402
 import wyrd  # noqa: E402
 from autograd import embedding, no_grad  # noqa: E402
@@ -62,16 +63,16 @@ work = tempfile.mkdtemp(prefix="wyrd-rva-")
 # ## Shared data
 #
 # One tokenizer and one token stream for all runs, cut into the same rows:
-# `train.load_tokens` holds out the last 5% of the stories, and every run
+# `data.load_tokens` holds out the last 5% of the stories, and every run
 # visits the training rows in the same order (the order depends only on the seed).
 
 
 # %%
 def dataset(source, vocab_size):
-    tok = train.train_tokenizer(train.tokenizer_texts([source]), vocab_size)
-    train_tokens, val_tokens, key = train.load_tokens([source], tok, work)
-    rows = train.Rows.stream(train_tokens, CFG.seq_len, tok.eot_id)
-    val_rows = train.Rows.stream(val_tokens, CFG.seq_len, tok.eot_id)
+    tok = train.train_tokenizer(data.tokenizer_texts([source]), vocab_size)
+    train_tokens, val_tokens, key = data.load_tokens([source], tok, work)
+    rows = data.Rows.stream(train_tokens, CFG.seq_len, tok.eot_id)
+    val_rows = data.Rows.stream(val_tokens, CFG.seq_len, tok.eot_id)
     p = np.bincount(np.asarray(train_tokens).reshape(-1), minlength=tok.vocab_size) / np.size(train_tokens)
     p = p[p > 0]
     print(f"{source}: {len(rows)} training rows, {len(val_rows)} held-out rows of {CFG.seq_len} tokens")

@@ -12,7 +12,8 @@ import tarfile
 import numpy as np
 import pytest
 
-import train
+import corpus
+import data
 from tokenizer import Tokenizer
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -48,17 +49,17 @@ def gzipped(tmp_path, name):
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = train.builtin_stories(200) + [f"{m['role']}\n{m['content']}" for c in train.builtin_chats(100) for m in c]
+    texts = corpus.builtin_stories(200) + [f"{m['role']}\n{m['content']}" for c in corpus.builtin_chats(100) for m in c]
     return Tokenizer.train(texts, 400)
 
 
 # ---------------------------------------------------------------------------- built-in corpus
 
 def test_builtin_stories_are_seeded_distinct_and_varied():
-    a = train.builtin_stories(3000, seed=0)
-    assert a == train.builtin_stories(3000, seed=0)
+    a = corpus.builtin_stories(3000, seed=0)
+    assert a == corpus.builtin_stories(3000, seed=0)
     assert len(set(a)) == 3000
-    b = train.builtin_stories(3000, seed=1)
+    b = corpus.builtin_stories(3000, seed=1)
     assert len(set(a) & set(b)) < 30          # another seed gives other stories
     # variety beyond recall: many distinct heroes, openings and plots
     heroes = {s.split(" named ")[1].split()[0].strip(".,") for s in a if " named " in s}
@@ -70,8 +71,8 @@ def test_builtin_stories_are_seeded_distinct_and_varied():
 
 
 def test_builtin_chats_follow_chatml_roles_and_answer_about_the_story():
-    chats = train.builtin_chats(600, seed=0)
-    assert chats == train.builtin_chats(600, seed=0)
+    chats = corpus.builtin_chats(600, seed=0)
+    assert chats == corpus.builtin_chats(600, seed=0)
     kinds = {"greeting": 0, "story": 0, "identity": 0, "question": 0}
     for chat in chats:
         roles = [m["role"] for m in chat]
@@ -86,7 +87,7 @@ def test_builtin_chats_follow_chatml_roles_and_answer_about_the_story():
             if asks and "named" not in m["content"]:
                 kind = m["content"].split(" about a ")[1].rstrip(".?")
                 kind = kind.split(" ", 1)[1] if kind.startswith("lost ") else kind
-                if kind in train._ANIMALS + train._TOYS + train._OBJECTS + ["girl", "boy"]:
+                if kind in corpus._ANIMALS + corpus._TOYS + corpus._OBJECTS + ["girl", "boy"]:
                     assert kind in reply, (m, reply)
                     kinds["story"] += 1
             if m["content"].startswith("What is the name of the "):
@@ -100,22 +101,22 @@ def test_builtin_chats_follow_chatml_roles_and_answer_about_the_story():
                 kinds["greeting"] += 1
     assert min(kinds.values()) > 5, kinds
     systems = {c[0]["content"] for c in chats if c[0]["role"] == "system"}
-    assert len(systems) >= 4 and train.DEFAULT_SYSTEM in systems
+    assert len(systems) >= 4 and corpus.DEFAULT_SYSTEM in systems
     assert any(c[0]["role"] != "system" for c in chats)
 
 
 # ---------------------------------------------------------------------------- stories
 
 def test_txt_stories_split_on_endoftext_also_inline(tmp_path):
-    assert list(train.iter_stories(fixture("stories.txt"))) == TXT_STORIES
-    assert list(train.iter_stories(gzipped(tmp_path, "stories.txt"))) == TXT_STORIES
+    assert list(data.iter_stories(fixture("stories.txt"))) == TXT_STORIES
+    assert list(data.iter_stories(gzipped(tmp_path, "stories.txt"))) == TXT_STORIES
 
 
 def test_json_shard_and_tar_of_shards(tmp_path, capsys):
-    assert list(train.iter_stories(fixture("stories_shard.json"))) == SHARD_STORIES
+    assert list(data.iter_stories(fixture("stories_shard.json"))) == SHARD_STORIES
     err = capsys.readouterr().err
     assert "stories_shard.json:element 1" in err and "skipped 1 malformed" in err
-    assert list(train.iter_stories(gzipped(tmp_path, "stories_shard.json"))) == SHARD_STORIES
+    assert list(data.iter_stories(gzipped(tmp_path, "stories_shard.json"))) == SHARD_STORIES
     tar_path = tmp_path / "TinyStories_all_data.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:
         for i in range(2):
@@ -123,58 +124,58 @@ def test_json_shard_and_tar_of_shards(tmp_path, capsys):
         info = tarfile.TarInfo("README.txt")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"hi\n"))
-    assert list(train.iter_stories(str(tar_path))) == SHARD_STORIES * 2
+    assert list(data.iter_stories(str(tar_path))) == SHARD_STORIES * 2
 
 
 def test_json_array_streams_across_chunk_edges():
     stories = [{"story": f"Story number {i} \u00e9\u00e8 with a number {i * 12345}"} for i in range(50)]
     raw = json.dumps(stories, indent=2, ensure_ascii=False).encode()
-    assert list(train._json_array(io.BytesIO(raw), "x", chunk=7)) == stories
+    assert list(data._json_array(io.BytesIO(raw), "x", chunk=7)) == stories
 
 
 def test_bad_story_files_are_clear_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("\n<|endoftext|>\n  \n")
-    with pytest.raises(train.DataError, match="empty.txt: no stories"):
-        list(train.iter_stories(str(tmp_path / "empty.txt")))
-    with pytest.raises(train.DataError, match="unrecognised story file"):
-        list(train.iter_stories(str(tmp_path / "data.csv")))
-    with pytest.raises(train.DataError, match="missing.txt: cannot open"):
-        list(train.iter_stories(str(tmp_path / "missing.txt")))
+    with pytest.raises(data.DataError, match="empty.txt: no stories"):
+        list(data.iter_stories(str(tmp_path / "empty.txt")))
+    with pytest.raises(data.DataError, match="unrecognised story file"):
+        list(data.iter_stories(str(tmp_path / "data.csv")))
+    with pytest.raises(data.DataError, match="missing.txt: cannot open"):
+        list(data.iter_stories(str(tmp_path / "missing.txt")))
     (tmp_path / "bad.json").write_text('[{"story": "one"}, {"story": "two" "three"}]')
-    with pytest.raises(train.DataError, match=r"bad.json: invalid JSON at character 35: Expecting .,. delimiter"):
-        list(train.iter_stories(str(tmp_path / "bad.json")))
+    with pytest.raises(data.DataError, match=r"bad.json: invalid JSON at character 35: Expecting .,. delimiter"):
+        list(data.iter_stories(str(tmp_path / "bad.json")))
     (tmp_path / "obj.json").write_text('{"story": "x"}')
-    with pytest.raises(train.DataError, match="obj.json: expected a JSON array"):
-        list(train.iter_stories(str(tmp_path / "obj.json")))
+    with pytest.raises(data.DataError, match="obj.json: expected a JSON array"):
+        list(data.iter_stories(str(tmp_path / "obj.json")))
     (tmp_path / "fake.txt.gz").write_bytes(b"not gzip at all")
-    with pytest.raises(train.DataError, match="fake.txt.gz: corrupt or truncated"):
-        list(train.iter_stories(str(tmp_path / "fake.txt.gz")))
+    with pytest.raises(data.DataError, match="fake.txt.gz: corrupt or truncated"):
+        list(data.iter_stories(str(tmp_path / "fake.txt.gz")))
 
 
 # ---------------------------------------------------------------------------- chats
 
 def test_chat_jsonl_skips_malformed_lines_with_file_and_line(tmp_path, capsys):
-    chats = list(train.iter_chats(fixture("chats.jsonl")))
+    chats = list(data.iter_chats(fixture("chats.jsonl")))
     assert [len(c) for c in chats] == [3, 2, 4]   # the trailing user turn of the second is dropped
     assert chats[1][-1] == {"role": "assistant", "content": "Once upon a time..."}
     err = capsys.readouterr().err
     assert "chats.jsonl:3: skipped" in err and "chats.jsonl:4: skipped" in err and "not valid JSON" in err
     assert "chats.jsonl:8" not in err and "skipped 4 malformed record(s) in all" in err  # 3, 4, 6, 8
-    assert list(train.iter_chats(gzipped(tmp_path, "chats.jsonl"))) == chats
+    assert list(data.iter_chats(gzipped(tmp_path, "chats.jsonl"))) == chats
 
 
 def test_oasst_messages_and_trees_flatten_to_the_same_conversations(tmp_path, capsys):
     for name in ("oasst_messages.jsonl", "oasst_trees.jsonl"):
-        assert list(train.iter_chats(fixture(name))) == OASST_EN, name
-        assert list(train.iter_chats(gzipped(tmp_path, name))) == OASST_EN, name
+        assert list(data.iter_chats(fixture(name))) == OASST_EN, name
+        assert list(data.iter_chats(gzipped(tmp_path, name))) == OASST_EN, name
     err = capsys.readouterr().err
     assert "oasst_messages.jsonl:4: skipped" in err      # the truncated line
     assert "oasst_trees.jsonl:3: skipped" in err and "bad OASST tree" in err
-    every = list(train.iter_chats(fixture("oasst_trees.jsonl"), lang=None))
+    every = list(data.iter_chats(fixture("oasst_trees.jsonl"), lang=None))
     assert every[-1] == [{"role": "user", "content": "Hola"}, {"role": "assistant", "content": "Hola, que tal?"}]
     assert len(every) == 5 and [t["content"] for t in every[1]][2:] == ["Wie heisst eine Katze auf Deutsch?", "Katze."]
-    with pytest.raises(train.DataError, match="no usable conversation.*'fr'"):
-        list(train.iter_chats(fixture("oasst_trees.jsonl"), lang="fr"))
+    with pytest.raises(data.DataError, match="no usable conversation.*'fr'"):
+        list(data.iter_chats(fixture("oasst_trees.jsonl"), lang="fr"))
 
 
 def test_flatten_rule_on_a_hand_built_tree():
@@ -191,39 +192,39 @@ def test_flatten_rule_on_a_hand_built_tree():
             m("prompter", "Q2c", [m("assistant", "A2c")]),
         ], rank=0),
     ])
-    got = [[t["content"] for t in chat] for chat in train.flatten_oasst(tree)]
+    got = [[t["content"] for t in chat] for chat in data.flatten_oasst(tree)]
     assert got == [["Q1", "best", "Q2", "A2"], ["Q1", "best", "Q2c", "A2c"]]
     # every assistant turn is the best usable one; a branch without any stops at the last reply
     only_rejected = m("prompter", "Q", [m("assistant", "A", rank=0, replies=[
         m("prompter", "Q2", [m("assistant", "bad", review_result=False)])])])
-    assert [[t["content"] for t in c] for c in train.flatten_oasst(only_rejected)] == [["Q", "A"]]
-    assert train.flatten_oasst(m("prompter", "Q", lang="de", replies=[m("assistant", "A")])) == []
+    assert [[t["content"] for t in c] for c in data.flatten_oasst(only_rejected)] == [["Q", "A"]]
+    assert data.flatten_oasst(m("prompter", "Q", lang="de", replies=[m("assistant", "A")])) == []
 
 
 def test_bad_chat_files_are_clear_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(train.DataError, match="empty.jsonl: no JSON lines"):
-        list(train.iter_chats(str(tmp_path / "empty.jsonl")))
+    with pytest.raises(data.DataError, match="empty.jsonl: no JSON lines"):
+        list(data.iter_chats(str(tmp_path / "empty.jsonl")))
     (tmp_path / "other.jsonl").write_text('{"question": "q", "answer": "a"}\n')
-    with pytest.raises(train.DataError, match=r"other.jsonl:1: unrecognised chat record.*'answer', 'question'"):
-        list(train.iter_chats(str(tmp_path / "other.jsonl")))
+    with pytest.raises(data.DataError, match=r"other.jsonl:1: unrecognised chat record.*'answer', 'question'"):
+        list(data.iter_chats(str(tmp_path / "other.jsonl")))
     (tmp_path / "array.jsonl").write_text('[{"messages": []}]\n')
-    with pytest.raises(train.DataError, match="array.jsonl: this is a JSON array"):
-        list(train.iter_chats(str(tmp_path / "array.jsonl")))
+    with pytest.raises(data.DataError, match="array.jsonl: this is a JSON array"):
+        list(data.iter_chats(str(tmp_path / "array.jsonl")))
     (tmp_path / "nouse.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    with pytest.raises(train.DataError, match="nouse.jsonl: no usable conversation"):
-        list(train.iter_chats(str(tmp_path / "nouse.jsonl")))
+    with pytest.raises(data.DataError, match="nouse.jsonl: no usable conversation"):
+        list(data.iter_chats(str(tmp_path / "nouse.jsonl")))
 
 
 def test_convert_writes_common_chat_jsonl(tmp_path, capsys):
     out = tmp_path / "chats.jsonl.gz"
-    assert train.main(["convert", fixture("oasst_messages.jsonl"), str(out)]) == 0
+    assert data.main(["convert", fixture("oasst_messages.jsonl"), str(out)]) == 0
     assert "3 conversations" in capsys.readouterr().out
     lines = gzip.decompress(out.read_bytes()).decode().splitlines()
     assert [json.loads(line) for line in lines] == [{"messages": c} for c in OASST_EN]
-    assert list(train.iter_chats(str(out))) == OASST_EN       # and it reads back
+    assert list(data.iter_chats(str(out))) == OASST_EN       # and it reads back
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
-    assert train.main(["convert", str(tmp_path / "nope.jsonl"), str(tmp_path / "x.jsonl")]) == 2
+    assert data.main(["convert", str(tmp_path / "nope.jsonl"), str(tmp_path / "x.jsonl")]) == 2
     assert "nope.jsonl: cannot open" in capsys.readouterr().err
 
 
@@ -233,7 +234,7 @@ def test_story_tokens_are_cached_beside_the_source_and_reused(tmp_path, tok, mon
     src = tmp_path / "stories.txt"
     shutil.copy(fixture("stories.txt"), src)
     out_dir = str(tmp_path / "out")
-    train_part, val, key = train.load_tokens([str(src)], tok, out_dir)
+    train_part, val, key = data.load_tokens([str(src)], tok, out_dir)
     whole = np.concatenate([train_part, val])[:, 0]
     expected = [t for s in TXT_STORIES for t in tok.encode(s) + [tok.eot_id]]
     assert whole.tolist() == expected
@@ -242,15 +243,15 @@ def test_story_tokens_are_cached_beside_the_source_and_reused(tmp_path, tok, mon
     assert os.path.getsize(tmp_path / cache[0]) == 2 * len(expected)
     # a second load reads the memmap without tokenizing
     monkeypatch.setattr(Tokenizer, "encode_batch", lambda *a: pytest.fail("tokenized again"))
-    again, _, key2 = train.load_tokens([str(src)], tok, out_dir)
+    again, _, key2 = data.load_tokens([str(src)], tok, out_dir)
     assert key2 == key and np.array_equal(again, train_part) and isinstance(again, np.memmap)
     monkeypatch.undo()
     # another tokenizer or changed data get their own cache
     other = Tokenizer.train(TXT_STORIES * 5, 300)
-    assert train.load_tokens([str(src)], other, out_dir)[2] != key
+    assert data.load_tokens([str(src)], other, out_dir)[2] != key
     with open(src, "a") as f:
         f.write("<|endoftext|>A new story.\n")
-    assert train.load_tokens([str(src)], tok, out_dir)[2] != key
+    assert data.load_tokens([str(src)], tok, out_dir)[2] != key
     assert len([p for p in os.listdir(tmp_path) if p.endswith(".tok.u16")]) == 3
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
@@ -261,12 +262,12 @@ def test_deeply_nested_json_is_a_malformed_record_not_a_crash(tmp_path, capsys):
     chats = tmp_path / "chats.jsonl"
     chats.write_bytes(b'{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
                       + deep + b"\n")
-    assert len(list(train.iter_chats(str(chats)))) == 1
+    assert len(list(data.iter_chats(str(chats)))) == 1
     assert "chats.jsonl:2: skipped" in capsys.readouterr().err
     shard = tmp_path / "shard.json"
     shard.write_bytes(b'[{"story": "A cat."}, ' + deep + b"]")
-    with pytest.raises(train.DataError, match="nested too deeply"):
-        list(train.iter_stories(str(shard)))
+    with pytest.raises(data.DataError, match="nested too deeply"):
+        list(data.iter_stories(str(shard)))
 
 
 def test_oasst_messages_with_bad_parent_ids_duplicates_and_a_long_chain(tmp_path, capsys):
@@ -281,7 +282,7 @@ def test_oasst_messages_with_bad_parent_ids_duplicates_and_a_long_chain(tmp_path
         parent = f"m{i}"
     path = tmp_path / "oasst_messages.jsonl"
     path.write_text("".join(json.dumps(m) + "\n" for m in msgs))
-    chats = list(train.iter_chats(str(path)))
+    chats = list(data.iter_chats(str(path)))
     assert len(chats) == 1 and len(chats[0]) == 3002
     assert chats[0][1]["content"] == "Hello" and chats[0][-1]["content"] == "turn 2999"
     err = capsys.readouterr().err
@@ -297,7 +298,7 @@ def test_a_killed_cache_build_leaves_no_temporary_file_behind(tmp_path, tok):
     tok.save(tok_path)
     # a build killed while writing (os._exit: no finally, no cleanup), as by SIGKILL
     killed = subprocess.run([sys.executable, "-c", f"""
-import os, numpy as np, wyrd, train
+import os, numpy as np, wyrd, data
 from tokenizer import Tokenizer
 contiguous = np.ascontiguousarray
 def die(*a, **k):                                         # once the temporary file is open
@@ -305,35 +306,35 @@ def die(*a, **k):                                         # once the temporary f
         os._exit(9)
     return contiguous(*a, **k)
 np.ascontiguousarray = die
-train.load_tokens([{str(src)!r}], Tokenizer.load({tok_path!r}), {str(tmp_path / "out")!r})
+data.load_tokens([{str(src)!r}], Tokenizer.load({tok_path!r}), {str(tmp_path / "out")!r})
 """], cwd=os.path.dirname(FIX), env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(FIX))),
         capture_output=True, text=True, timeout=120)
     assert killed.returncode == 9, killed.stderr
     left = [p for p in os.listdir(tmp_path) if ".tmp" in p]
     assert len(left) == 1                                     # what a kill leaves ...
-    train.load_tokens([str(src)], tok, str(tmp_path / "out"))
+    data.load_tokens([str(src)], tok, str(tmp_path / "out"))
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]   # ... the next build removes
 
 
 def test_a_read_only_data_folder_gets_its_cache_under_the_out_dir(tmp_path, tok):
-    data = tmp_path / "data"
-    data.mkdir()
-    shutil.copy(fixture("stories.txt"), data / "stories.txt")
-    data.chmod(0o555)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    shutil.copy(fixture("stories.txt"), folder / "stories.txt")
+    folder.chmod(0o555)
     try:
-        train.load_tokens([str(data / "stories.txt")], tok, str(tmp_path / "out"))
-        assert os.listdir(data) == ["stories.txt"]
+        data.load_tokens([str(folder / "stories.txt")], tok, str(tmp_path / "out"))
+        assert os.listdir(folder) == ["stories.txt"]
         assert any(p.startswith("stories.txt.") and p.endswith(".tok.u16") for p in os.listdir(tmp_path / "out"))
     finally:
-        data.chmod(0o755)
+        folder.chmod(0o755)
 
 
 def test_builtin_and_chat_tokens_hold_ids_and_the_assistant_mask(tmp_path, tok):
     out_dir = str(tmp_path)
-    tr, val, _ = train.load_tokens(["builtin:40"], tok, out_dir, chat=True)
+    tr, val, _ = data.load_tokens(["builtin:40"], tok, out_dir, chat=True)
     assert os.listdir(tmp_path) and all(p.startswith("builtin-chats-40.") for p in os.listdir(tmp_path))
     both = np.concatenate([tr, val])
-    chats = train.builtin_chats(40, seed=1)
+    chats = corpus.builtin_chats(40, seed=1)
     ids, mask = [], []
     for chat in chats:
         i, m = tok.render_chat(chat)
@@ -346,17 +347,17 @@ def test_builtin_and_chat_tokens_hold_ids_and_the_assistant_mask(tmp_path, tok):
 def test_split_held_out_cuts_after_a_document():
     eot = 9
     tokens = np.array([1, 2, 9, 3, 4, 5, 9, 6, 7, 9, 8, 8, 8, 9] * 10).reshape(-1, 1)
-    tr, val = train.split_held_out(tokens, eot, fraction=0.2, cap=1000)
+    tr, val = data.split_held_out(tokens, eot, fraction=0.2, cap=1000)
     assert len(tr) + len(val) == len(tokens) and tr[-1, 0] == eot
     assert 0.1 * len(tokens) < len(val) <= 0.2 * len(tokens)
-    assert len(train.split_held_out(tokens, eot, fraction=0.5, cap=10)[1]) <= 10
+    assert len(data.split_held_out(tokens, eot, fraction=0.5, cap=10)[1]) <= 10
 
 
 # ---------------------------------------------------------------------------- batches
 
 def test_stream_rows_are_shifted_windows_in_a_seeded_order():
     tokens = np.arange(1, 42).reshape(-1, 1)    # 41 tokens
-    rows = train.Rows.stream(tokens, seq_len=8, pad_id=0)
+    rows = data.Rows.stream(tokens, seq_len=8, pad_id=0)
     assert len(rows) == 5
     x, y, m = rows.batch([0, 4])
     assert x[0].tolist() == list(range(1, 9)) and y[0].tolist() == list(range(2, 10))
@@ -374,12 +375,12 @@ def test_packed_rows_keep_conversations_whole_and_mask_padding():
     ids = [t for c in convs for t in c]
     mask = [int(t == 7) for t in ids]
     tokens = np.stack([ids, mask], axis=1)
-    rows = train.Rows.packed(tokens, seq_len=8, eot=eot)
+    rows = data.Rows.packed(tokens, seq_len=8, eot=eot)
     assert rows.starts.tolist() == [0, 9] and rows.lengths.tolist() == [9, 9]
     x, y, m = rows.batch([0, 1])
     assert x[0].tolist() == [5, 6, 7, 7, 0, 5, 7, 7] and y[0].tolist() == [6, 7, 7, 0, 5, 7, 7, 0]
     assert m[0].tolist() == [0, 1, 1, 0, 0, 1, 1, 0]
-    short = train.Rows.packed(tokens, seq_len=4, eot=eot)   # the long one is cut to 5 tokens, its 7s are lost
+    short = data.Rows.packed(tokens, seq_len=4, eot=eot)   # the long one is cut to 5 tokens, its 7s are lost
     assert short.starts.tolist() == [0, 5] and short.lengths.tolist() == [5, 4]
     x, y, m = short.batch([1])
     assert x[0].tolist() == [5, 7, 7, 0] and m[0].tolist() == [1, 1, 0, 0]

@@ -10,6 +10,8 @@ from dataclasses import fields, replace
 import numpy as np
 import pytest
 
+import corpus
+import data
 import train
 from autograd import Tensor
 from tokenizer import Tokenizer
@@ -21,7 +23,7 @@ TINY = train.TrainConfig(steps=6, batch_size=2, grad_accum=2, seq_len=32, lr=3e-
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = train.builtin_stories(300) + [f"{m['role']}\n{m['content']}" for c in train.builtin_chats(200) for m in c]
+    texts = corpus.builtin_stories(300) + [f"{m['role']}\n{m['content']}" for c in corpus.builtin_chats(200) for m in c]
     return Tokenizer.train(texts, 400)
 
 
@@ -268,7 +270,11 @@ def test_cli_help_lists_every_flag_with_its_default(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = capsys.readouterr().out
-    assert all(c in text for c in ("pretrain", "finetune", "convert", "download"))
+    assert all(c in text for c in ("all", "pretrain", "finetune", "data.py"))
+    with pytest.raises(SystemExit):
+        data.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(c in text for c in ("convert", "download", "<|endoftext|>", "OASST"))
 
 
 def test_cli_errors_name_the_problem(tmp_path, tok, capsys):
@@ -307,7 +313,7 @@ def test_every_numeric_flag_is_checked_before_anything_is_written(tmp_path, caps
 
 
 def test_convert_into_a_missing_folder_is_one_line(tmp_path, capsys):
-    assert train.main(["convert", "builtin:3", str(tmp_path / "no" / "such" / "chats.jsonl")]) == 2
+    assert data.main(["convert", "builtin:3", str(tmp_path / "no" / "such" / "chats.jsonl")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No such file or directory" in err and "chats.jsonl" in err
 
@@ -338,17 +344,17 @@ def test_a_few_conversations_still_train_with_a_held_out_row(tmp_path, tok):
     assert final["final"] and math.isfinite(final["val_loss"])
     # the held-out share of a tiny set: one token at least, cut inside the last document if it must be
     tokens = np.array([[5], [6], [1], [7], [8], [9], [1]])        # two documents, eot = 1
-    head, tail = train.split_held_out(tokens, eot=1)
+    head, tail = data.split_held_out(tokens, eot=1)
     assert len(tail) == 1 and len(head) == 6
     tokens = np.array([[5], [1]] + [[7], [1]] * 30)               # a boundary inside the share: cut there
-    head, tail = train.split_held_out(tokens, eot=1)
+    head, tail = data.split_held_out(tokens, eot=1)
     assert len(tail) == 2 and head[-1, 0] == 1
 
 def test_download_without_a_network_fails_clearly(tmp_path, monkeypatch, capsys):
     def offline(*a, **k):
-        raise train.urllib.error.URLError("no network")
-    monkeypatch.setattr(train.urllib.request, "urlopen", offline)
-    assert train.main(["download", "oasst", "--dir", str(tmp_path)]) == 2
+        raise data.urllib.error.URLError("no network")
+    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    assert data.main(["download", "oasst", "--dir", str(tmp_path)]) == 2
     assert "cannot download" in capsys.readouterr().err and os.listdir(tmp_path) == []
 
 
@@ -360,11 +366,11 @@ def unigram_entropy(tokens, vocab_size):
 
 def held_out_curve(tmp_path, tok, init, steps=40):
     """Held-out loss every 5 steps of a nano hybrid (RRA) on builtin stories, from `init`."""
-    train_tokens, val_tokens, key = train.load_tokens(["builtin:300"], tok, str(tmp_path))
+    train_tokens, val_tokens, key = data.load_tokens(["builtin:300"], tok, str(tmp_path))
     cfg = train.TrainConfig(steps=steps, batch_size=8, seq_len=64, lr=5e-3, min_lr=5e-3, warmup=4,
                             eval_every=5, eval_batches=4, ckpt_every=10 ** 6, log_every=10 ** 6)
-    rows = train.Rows.stream(train_tokens, cfg.seq_len, tok.eot_id)
-    val_rows = train.Rows.stream(val_tokens, cfg.seq_len, tok.eot_id)
+    rows = data.Rows.stream(train_tokens, cfg.seq_len, tok.eot_id)
+    val_rows = data.Rows.stream(val_tokens, cfg.seq_len, tok.eot_id)
     model = wyrd.Chimera(replace(wyrd.get_config("nano"), vocab_size=tok.vocab_size), init=init)
     out = str(tmp_path / f"{init}.safetensors")
     train.train(model, tok, rows, val_rows, cfg, out, "pretrain", key)

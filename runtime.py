@@ -1,0 +1,68 @@
+"""How Wyrd runs on this machine: the thread policy, the allocator, and atomic files.
+
+autograd.py imports this module first, so every program gets the policy before
+NumPy loads OpenBLAS (the thread settings are read once, at that moment). A
+script that imports NumPy itself must import autograd, wyrd, train or chat first.
+"""
+import contextlib
+import ctypes
+import os
+import sys
+
+# Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores. By
+# default both spin for a while after each parallel region, stealing the core the
+# other needs next: a training step measured 2-4x slower. Numba's threads sleep.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# How long OpenBLAS threads spin after a call before they sleep. Decoding (chat.py)
+# runs ~110 small matrix-vector products per token with only small one-thread
+# kernels between them: threads kept awake made medium decoding ~12% faster.
+# Training runs a few large products with long Numba kernels between them, where
+# spinning BLAS threads steal the cores (tiny ~4% slower). The value is read once,
+# so the program being run decides.
+DECODE_BLAS_TIMEOUT, TRAIN_BLAS_TIMEOUT = "20", "4"
+DECODING = os.path.basename(sys.argv[0]) in ("chat.py", "bench_chat.py")
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", DECODE_BLAS_TIMEOUT if DECODING else TRAIN_BLAS_TIMEOUT)
+
+
+def _keep_freed_memory():
+    """glibc serves large arrays with fresh mmap pages and unmaps them on free, so a
+    training step re-faults every activation it allocates: on a 2-core VM that was
+    10-35% of the step (tiny: 60 ms of 490; medium: 1 s of sys time per step). Ask
+    malloc to serve them from its heap and keep freed memory for the next step.
+    Linux/glibc only; elsewhere this does nothing."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl, Windows)
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    # glibc before 2.35ish caps the mmap threshold at 32 MiB; fixing the trim threshold
+    # alone would freeze malloc's own adaptive thresholds and make things worse
+    if mallopt(M_MMAP_THRESHOLD, 1 << 30) or mallopt(M_MMAP_THRESHOLD, 32 << 20):
+        mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+
+
+_keep_freed_memory()
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Write a file so that a reader (or a run killed at any instant) sees the old
+    file or the new one, never part of one: yields `path.tmpPID` open in `mode`;
+    on a clean exit it is flushed, fsynced and renamed over `path`, on an error
+    removed. Every file Wyrd writes goes through here.
+
+        with atomic_write("x.json", "w") as f:
+            f.write(text)
+    """
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
