@@ -1,10 +1,14 @@
 """Wyrd: the Chimera hybrid recurrent/attention language model in NumPy and Numba.
 
-Read top to bottom: configuration and presets, the Numba kernels (RoPE, the
-RG-LRU linear scan, sliding-window GQA attention) each with its backward and a
-differentiable wrapper, the layers, the model, incremental decoding, and the
-safetensors checkpoint format. The equations and names are those of
-`spec/chimera.md` (shared with the PyTorch Chimera, so weights move both ways).
+Read top to bottom, in the order a token flows through the model: the
+configuration and presets; Linear and RMSNorm; the token embedding; RoPE; the
+RG-LRU recurrence (its decay, its gated input, the linear scan, the layer);
+sliding-window GQA attention (kernels, op, layer); the SwiGLU feed-forward and
+the residual block; the model; O(1)-state decoding; safetensors checkpoints.
+Each layer's Numba kernels sit beside the differentiable op that wraps them,
+forward and backward together, and the layer that uses it. The equations and
+names are those of `spec/chimera.md` (shared with the PyTorch Chimera, so
+weights move both ways).
 
 The kernels live here, beside the model, rather than in autograd.py: they are
 the model's maths (the recurrence, the windowed attention), while autograd.py
@@ -17,14 +21,15 @@ import os
 import sys
 from dataclasses import asdict, dataclass, fields
 
-from autograd import (FAST, N_PARTIAL, Tensor, cross_entropy, embedding, is_grad_enabled, linear,  # before numpy:
-                      no_grad, rmsnorm, sigmoid, swiglu)                                   # thread policy
+from autograd import (FAST, N_PARTIAL, Tensor, cross_entropy, embedding, is_grad_enabled, linear,  # first: the
+                      no_grad, rmsnorm, sigmoid, swiglu)                     # thread policy (runtime.py)
 
 import numpy as np
 import numba
 from numba import njit, prange
 
 from runtime import atomic_write
+
 
 # ---------------------------------------------------------------------------
 # Configuration
@@ -114,7 +119,63 @@ def get_config(name):
 
 
 # ---------------------------------------------------------------------------
-# Numba kernels. Each has a plain NumPy twin in tests/test_kernels.py.
+# Parameters, and the two layers every block uses: Linear and RMSNorm
+
+
+class Module:
+    """Holds Tensors and sub-modules; names them as the spec does (`layers.3.ffn.w1.weight`)."""
+
+    def named_parameters(self, prefix=""):
+        out = []
+        for name, v in vars(self).items():
+            if isinstance(v, Tensor):
+                out.append((prefix + name, v))
+            elif isinstance(v, Module):
+                out += v.named_parameters(f"{prefix}{name}.")
+            elif isinstance(v, list):
+                for i, m in enumerate(v):
+                    out += m.named_parameters(f"{prefix}{name}.{i}.")
+        return out
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+
+def _normal(rng, shape, dtype):
+    return Tensor(rng.standard_normal(shape, dtype=np.float32).astype(dtype) * dtype(0.02), requires_grad=True)
+
+
+class Linear(Module):
+    def __init__(self, d_in, d_out, rng, dtype, bias=False):
+        self.weight = _normal(rng, (d_out, d_in), dtype)  # [out, in], as PyTorch stores it
+        if bias:
+            self.bias = Tensor(np.zeros(d_out, dtype), requires_grad=True)
+
+    def __call__(self, x):
+        return linear(x, self.weight, getattr(self, "bias", None))
+
+
+class RMSNorm(Module):
+    def __init__(self, d, eps, dtype):
+        self.weight = Tensor(np.ones(d, dtype), requires_grad=True)
+        self.eps = eps
+
+    def __call__(self, x):
+        return rmsnorm(x, self.weight, self.eps)
+
+
+# ---------------------------------------------------------------------------
+# Token embedding (tied to the output head)
+
+
+class Embedding(Module):
+    def __init__(self, n, d, rng, dtype):
+        self.weight = _normal(rng, (n, d), dtype)
+
+
+# ---------------------------------------------------------------------------
+# RoPE: rotary position embedding of queries and keys (attention layers).
+# Each Numba kernel here has a plain NumPy twin in tests/test_kernels.py.
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -134,6 +195,100 @@ def rope_kernel(x, cos, sin, out):
                 x1, x2 = x[b, t, h, j], x[b, t, h, j + half]
                 out[b, t, h, j] = x1 * cos[t, j] - x2 * sin[t, j]
                 out[b, t, h, j + half] = x2 * cos[t, j] + x1 * sin[t, j]
+
+
+def rope_angles(positions, head_dim, theta, dtype):
+    """cos, sin [T, D/2] for absolute positions; angles in float64 because
+    positions grow without bound during generation."""
+    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # theta^(-2j/D)
+    angle = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    return np.cos(angle).astype(dtype), np.sin(angle).astype(dtype)
+
+
+def rope(x, cos, sin):
+    """RoPE(x) = x cos + rotate_half(x) sin, x [B, T, Hx, D]."""
+    xd = np.ascontiguousarray(x.data)
+    y = np.empty_like(xd)
+    rope_kernel(xd, cos, sin, y)
+
+    def backward(g):  # the inverse rotation
+        gx = np.empty(g.shape, g.dtype)
+        rope_kernel(np.ascontiguousarray(g), cos, -sin, gx)
+        x._acc(gx)
+    return Tensor.make(y, (x,), backward)
+
+
+# ---------------------------------------------------------------------------
+# RG-LRU, the recurrent layer, in the order data flows: the decay a_t, the
+# gated input u_t, the linear scan h_t = a_t h_{t-1} + u_t, then the layer.
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def decay_backward_kernel(ga, a, r, c_log_a, c, gz, glog_a):
+    """a = exp(c r log_a), r = sigmoid(z), rows [N, d].
+    da/dz = a c log_a r (1 - r);  da/dlog_a = a c r (summed over rows, per chunk)."""
+    N, d = a.shape
+    P = glog_a.shape[0]
+    for part in prange(P):
+        for n in range(part * N // P, (part + 1) * N // P):
+            for j in range(d):
+                t = ga[n, j] * a[n, j]
+                gz[n, j] = t * c_log_a[j] * r[n, j] * (1.0 - r[n, j])
+                glog_a[part, j] += t * c * r[n, j]
+
+
+def rglru_decay(z, lambda_param, c):
+    """a_t = exp(c r_t log_a) = a^(c r_t), with r_t = sigmoid(z) and
+    log_a = log(sigmoid(lambda) + 1e-8) <= 0. z [B, T, d], lambda [d]."""
+    d = z.shape[-1]
+    s = sigmoid(lambda_param.data)
+    c_log_a = (c * np.log(s + 1e-8)).astype(z.dtype)
+    r = sigmoid(z.data)
+    a = r * c_log_a
+    np.exp(a, out=a)
+
+    def backward(g):
+        gz, glog_a = np.empty_like(r), np.zeros((N_PARTIAL, d), r.dtype)
+        decay_backward_kernel(np.ascontiguousarray(g).reshape(-1, d), a.reshape(-1, d), r.reshape(-1, d),
+                              c_log_a, z.dtype.type(c), gz.reshape(-1, d), glog_a)
+        z._acc(gz)
+        lambda_param._acc(glog_a.sum(axis=0) * s * (1.0 - s) / (s + 1e-8))  # d log(s + 1e-8) / d lambda
+    return Tensor.make(a, (z, lambda_param), backward)
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def input_forward_kernel(a, i, xp, u):
+    """u = sqrt(1 - a^2 + 1e-6) i xp, flat arrays."""
+    for n in prange(a.size):
+        u[n] = math.sqrt(1.0 - a[n] * a[n] + 1e-6) * i[n] * xp[n]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def input_backward_kernel(gu, a, i, xp, ga, gz, gxp):
+    """With m = sqrt(1 - a^2 + 1e-6), u = m i xp, i = sigmoid(z):
+    du/da = -a i xp / m,  du/dz = m xp i (1 - i),  du/dxp = m i."""
+    for n in prange(a.size):
+        m = math.sqrt(1.0 - a[n] * a[n] + 1e-6)
+        ga[n] = -gu[n] * a[n] * i[n] * xp[n] / m
+        gz[n] = gu[n] * m * xp[n] * i[n] * (1.0 - i[n])
+        gxp[n] = gu[n] * m * i[n]
+
+
+def rglru_input(a, z, xp):
+    """u_t = sqrt(1 - a_t^2 + 1e-6) * (i_t * xp_t) with i_t = sigmoid(z)."""
+    ad, xd = np.ascontiguousarray(a.data), np.ascontiguousarray(xp.data)
+    i = sigmoid(z.data)
+    u = np.empty_like(ad)
+    input_forward_kernel(ad.reshape(-1), i.reshape(-1), xd.reshape(-1), u.reshape(-1))
+
+    def backward(g):
+        ga, gz, gxp = np.empty_like(ad), np.empty_like(ad), np.empty_like(ad)
+        input_backward_kernel(np.ascontiguousarray(g).reshape(-1), ad.reshape(-1), i.reshape(-1), xd.reshape(-1),
+                              ga.reshape(-1), gz.reshape(-1), gxp.reshape(-1))
+        a._acc(ga)
+        z._acc(gz)
+        xp._acc(gxp)
+    return Tensor.make(u, (a, z, xp), backward)
 
 
 SCAN_BLOCK = 256  # channels per task: 1 KB contiguous per time step, so it streams and vectorises
@@ -183,36 +338,55 @@ def scan_backward_kernel(a, h, h0, gh, du, da, dh0):
             dh0[b, c] = du[b, 0, c] * a[b, 0, c]
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
-def decay_backward_kernel(ga, a, r, c_log_a, c, gz, glog_a):
-    """a = exp(c r log_a), r = sigmoid(z), rows [N, d].
-    da/dz = a c log_a r (1 - r);  da/dlog_a = a c r (summed over rows, per chunk)."""
-    N, d = a.shape
-    P = glog_a.shape[0]
-    for part in prange(P):
-        for n in range(part * N // P, (part + 1) * N // P):
-            for j in range(d):
-                t = ga[n, j] * a[n, j]
-                gz[n, j] = t * c_log_a[j] * r[n, j] * (1.0 - r[n, j])
-                glog_a[part, j] += t * c * r[n, j]
+def rglru_scan(a, u, h0):
+    """h_t = a_t h_{t-1} + u_t over time. a, u [B, T, d]; h0 broadcastable to [B, d]."""
+    B, T, d = a.shape
+    ad, ud = np.ascontiguousarray(a.data), np.ascontiguousarray(u.data)
+    h0d = np.ascontiguousarray(np.broadcast_to(h0.data.reshape(-1, d), (B, d)))
+    h = np.empty_like(ad)
+    scan_forward_kernel(ad, ud, h0d, h)
+
+    def backward(g):
+        du, da, dh0 = np.empty_like(ad), np.empty_like(ad), np.empty_like(h0d)
+        scan_backward_kernel(ad, h, h0d, np.ascontiguousarray(g), du, da, dh0)
+        a._acc(da)
+        u._acc(du)
+        h0._acc(dh0.sum(axis=0).reshape(h0.shape) if h0.data.size == d else dh0.reshape(h0.shape))
+    return Tensor.make(h, (a, u, h0), backward)
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
-def input_forward_kernel(a, i, xp, u):
-    """u = sqrt(1 - a^2 + 1e-6) i xp, flat arrays."""
-    for n in prange(a.size):
-        u[n] = math.sqrt(1.0 - a[n] * a[n] + 1e-6) * i[n] * xp[n]
+class RGLRU(Module):
+    """The Real-Gated Linear Recurrent Unit (Griffin), width d."""
+
+    def __init__(self, cfg, rng, dtype):
+        d = cfg.d_model
+        self.c = cfg.c
+        self.input_proj = Linear(d, d, rng, dtype)
+        self.input_gate_proj = Linear(d, d, rng, dtype, bias=True)
+        self.recurrence_gate_proj = Linear(d, d, rng, dtype, bias=True)
+        # sigmoid(U(4, 9)) in [0.982, 0.9999]: slow decay, long memory at init
+        self.lambda_param = Tensor(rng.uniform(4.0, 9.0, d).astype(dtype), requires_grad=True)
+        self.h0 = Tensor(np.zeros((1, 1, d), dtype), requires_grad=True)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
+        self.output_proj = Linear(d, d, rng, dtype)
+
+    def __call__(self, x, pos0=0, cache=None):
+        xp = self.input_proj(x)                                                 # [B, T, d]
+        # a_t = a^(c r_t), r_t = sigmoid(recurrence gate), in log space: r_t -> 0
+        # keeps the state (a_t -> 1), r_t -> 1 decays it at the learned rate a
+        a_t = rglru_decay(self.recurrence_gate_proj(x), self.lambda_param, self.c)
+        # u_t = sqrt(1 - a_t^2) (i_t xp_t): a state that forgets a fraction lets in
+        # just enough input to stay at unit scale (1e-6 keeps the sqrt's slope finite)
+        u_t = rglru_input(a_t, self.input_gate_proj(x), xp)
+        h0 = self.h0 if cache is None else Tensor(cache["h"])
+        h = rglru_scan(a_t, u_t, h0)                               # [B, T, d]
+        if cache is not None:
+            cache["h"] = h.data[:, -1].copy()
+        return self.output_proj(self.norm(h))
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
-def input_backward_kernel(gu, a, i, xp, ga, gz, gxp):
-    """With m = sqrt(1 - a^2 + 1e-6), u = m i xp, i = sigmoid(z):
-    du/da = -a i xp / m,  du/dz = m xp i (1 - i),  du/dxp = m i."""
-    for n in prange(a.size):
-        m = math.sqrt(1.0 - a[n] * a[n] + 1e-6)
-        ga[n] = -gu[n] * a[n] * i[n] * xp[n] / m
-        gz[n] = gu[n] * m * xp[n] * i[n] * (1.0 - i[n])
-        gxp[n] = gu[n] * m * i[n]
+# ---------------------------------------------------------------------------
+# Sliding-window grouped-query attention: the kernels, the op, the layer
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -310,84 +484,6 @@ def attention_backward_kernel(q, k, v, out, lse, gout, window, scale, dq, dk, dv
                 dq[b, t, h, :] = acc
 
 
-# ---------------------------------------------------------------------------
-# The kernels as differentiable ops on Tensor
-
-
-def rope_angles(positions, head_dim, theta, dtype):
-    """cos, sin [T, D/2] for absolute positions; angles in float64 because
-    positions grow without bound during generation."""
-    inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # theta^(-2j/D)
-    angle = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    return np.cos(angle).astype(dtype), np.sin(angle).astype(dtype)
-
-
-def rope(x, cos, sin):
-    """RoPE(x) = x cos + rotate_half(x) sin, x [B, T, Hx, D]."""
-    xd = np.ascontiguousarray(x.data)
-    y = np.empty_like(xd)
-    rope_kernel(xd, cos, sin, y)
-
-    def backward(g):  # the inverse rotation
-        gx = np.empty(g.shape, g.dtype)
-        rope_kernel(np.ascontiguousarray(g), cos, -sin, gx)
-        x._acc(gx)
-    return Tensor.make(y, (x,), backward)
-
-
-def rglru_scan(a, u, h0):
-    """h_t = a_t h_{t-1} + u_t over time. a, u [B, T, d]; h0 broadcastable to [B, d]."""
-    B, T, d = a.shape
-    ad, ud = np.ascontiguousarray(a.data), np.ascontiguousarray(u.data)
-    h0d = np.ascontiguousarray(np.broadcast_to(h0.data.reshape(-1, d), (B, d)))
-    h = np.empty_like(ad)
-    scan_forward_kernel(ad, ud, h0d, h)
-
-    def backward(g):
-        du, da, dh0 = np.empty_like(ad), np.empty_like(ad), np.empty_like(h0d)
-        scan_backward_kernel(ad, h, h0d, np.ascontiguousarray(g), du, da, dh0)
-        a._acc(da)
-        u._acc(du)
-        h0._acc(dh0.sum(axis=0).reshape(h0.shape) if h0.data.size == d else dh0.reshape(h0.shape))
-    return Tensor.make(h, (a, u, h0), backward)
-
-
-def rglru_decay(z, lambda_param, c):
-    """a_t = exp(c r_t log_a) = a^(c r_t), with r_t = sigmoid(z) and
-    log_a = log(sigmoid(lambda) + 1e-8) <= 0. z [B, T, d], lambda [d]."""
-    d = z.shape[-1]
-    s = sigmoid(lambda_param.data)
-    c_log_a = (c * np.log(s + 1e-8)).astype(z.dtype)
-    r = sigmoid(z.data)
-    a = r * c_log_a
-    np.exp(a, out=a)
-
-    def backward(g):
-        gz, glog_a = np.empty_like(r), np.zeros((N_PARTIAL, d), r.dtype)
-        decay_backward_kernel(np.ascontiguousarray(g).reshape(-1, d), a.reshape(-1, d), r.reshape(-1, d),
-                              c_log_a, z.dtype.type(c), gz.reshape(-1, d), glog_a)
-        z._acc(gz)
-        lambda_param._acc(glog_a.sum(axis=0) * s * (1.0 - s) / (s + 1e-8))  # d log(s + 1e-8) / d lambda
-    return Tensor.make(a, (z, lambda_param), backward)
-
-
-def rglru_input(a, z, xp):
-    """u_t = sqrt(1 - a_t^2 + 1e-6) * (i_t * xp_t) with i_t = sigmoid(z)."""
-    ad, xd = np.ascontiguousarray(a.data), np.ascontiguousarray(xp.data)
-    i = sigmoid(z.data)
-    u = np.empty_like(ad)
-    input_forward_kernel(ad.reshape(-1), i.reshape(-1), xd.reshape(-1), u.reshape(-1))
-
-    def backward(g):
-        ga, gz, gxp = np.empty_like(ad), np.empty_like(ad), np.empty_like(ad)
-        input_backward_kernel(np.ascontiguousarray(g).reshape(-1), ad.reshape(-1), i.reshape(-1), xd.reshape(-1),
-                              ga.reshape(-1), gz.reshape(-1), gxp.reshape(-1))
-        a._acc(ga)
-        z._acc(gz)
-        xp._acc(gxp)
-    return Tensor.make(u, (a, z, xp), backward)
-
-
 def window_attention(q, k, v, window):
     """softmax(q k^T / sqrt(D)) v over the sliding causal window, with GQA.
     q [B, Tq, H, D]; k, v [B, Tk, KV, D], as the projections produce them."""
@@ -406,94 +502,6 @@ def window_attention(q, k, v, window):
         k._acc(dk.transpose(0, 2, 1, 3))
         v._acc(dv.transpose(0, 2, 1, 3))
     return Tensor.make(out, (q, k, v), backward)
-
-
-# ---------------------------------------------------------------------------
-# Layers
-
-
-class Module:
-    """Holds Tensors and sub-modules; names them as the spec does (`layers.3.ffn.w1.weight`)."""
-
-    def named_parameters(self, prefix=""):
-        out = []
-        for name, v in vars(self).items():
-            if isinstance(v, Tensor):
-                out.append((prefix + name, v))
-            elif isinstance(v, Module):
-                out += v.named_parameters(f"{prefix}{name}.")
-            elif isinstance(v, list):
-                for i, m in enumerate(v):
-                    out += m.named_parameters(f"{prefix}{name}.{i}.")
-        return out
-
-    def parameters(self):
-        return [p for _, p in self.named_parameters()]
-
-
-def _normal(rng, shape, dtype):
-    return Tensor(rng.standard_normal(shape, dtype=np.float32).astype(dtype) * dtype(0.02), requires_grad=True)
-
-
-class Linear(Module):
-    def __init__(self, d_in, d_out, rng, dtype, bias=False):
-        self.weight = _normal(rng, (d_out, d_in), dtype)  # [out, in], as PyTorch stores it
-        if bias:
-            self.bias = Tensor(np.zeros(d_out, dtype), requires_grad=True)
-
-    def __call__(self, x):
-        return linear(x, self.weight, getattr(self, "bias", None))
-
-
-class RMSNorm(Module):
-    def __init__(self, d, eps, dtype):
-        self.weight = Tensor(np.ones(d, dtype), requires_grad=True)
-        self.eps = eps
-
-    def __call__(self, x):
-        return rmsnorm(x, self.weight, self.eps)
-
-
-class FFN(Module):
-    """SwiGLU: w2(silu(w1 x) * (w3 x))."""
-
-    def __init__(self, cfg, rng, dtype):
-        self.w1 = Linear(cfg.d_model, cfg.ffn_hidden, rng, dtype)
-        self.w3 = Linear(cfg.d_model, cfg.ffn_hidden, rng, dtype)
-        self.w2 = Linear(cfg.ffn_hidden, cfg.d_model, rng, dtype)
-
-    def __call__(self, x):
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
-
-
-class RGLRU(Module):
-    """The Real-Gated Linear Recurrent Unit (Griffin), width d."""
-
-    def __init__(self, cfg, rng, dtype):
-        d = cfg.d_model
-        self.c = cfg.c
-        self.input_proj = Linear(d, d, rng, dtype)
-        self.input_gate_proj = Linear(d, d, rng, dtype, bias=True)
-        self.recurrence_gate_proj = Linear(d, d, rng, dtype, bias=True)
-        # sigmoid(U(4, 9)) in [0.982, 0.9999]: slow decay, long memory at init
-        self.lambda_param = Tensor(rng.uniform(4.0, 9.0, d).astype(dtype), requires_grad=True)
-        self.h0 = Tensor(np.zeros((1, 1, d), dtype), requires_grad=True)
-        self.norm = RMSNorm(d, cfg.rms_norm_eps, dtype)
-        self.output_proj = Linear(d, d, rng, dtype)
-
-    def __call__(self, x, pos0=0, cache=None):
-        xp = self.input_proj(x)                                                 # [B, T, d]
-        # a_t = a^(c r_t), r_t = sigmoid(recurrence gate), in log space: r_t -> 0
-        # keeps the state (a_t -> 1), r_t -> 1 decays it at the learned rate a
-        a_t = rglru_decay(self.recurrence_gate_proj(x), self.lambda_param, self.c)
-        # u_t = sqrt(1 - a_t^2) (i_t xp_t): a state that forgets a fraction lets in
-        # just enough input to stay at unit scale (1e-6 keeps the sqrt's slope finite)
-        u_t = rglru_input(a_t, self.input_gate_proj(x), xp)
-        h0 = self.h0 if cache is None else Tensor(cache["h"])
-        h = rglru_scan(a_t, u_t, h0)                               # [B, T, d]
-        if cache is not None:
-            cache["h"] = h.data[:, -1].copy()
-        return self.output_proj(self.norm(h))
 
 
 class LocalAttention(Module):
@@ -548,6 +556,22 @@ class LocalAttention(Module):
         return Tensor(k_all.transpose(0, 2, 1, 3)), Tensor(v_all.transpose(0, 2, 1, 3))
 
 
+# ---------------------------------------------------------------------------
+# SwiGLU feed-forward, and the residual block
+
+
+class FFN(Module):
+    """SwiGLU: w2(silu(w1 x) * (w3 x))."""
+
+    def __init__(self, cfg, rng, dtype):
+        self.w1 = Linear(cfg.d_model, cfg.ffn_hidden, rng, dtype)
+        self.w3 = Linear(cfg.d_model, cfg.ffn_hidden, rng, dtype)
+        self.w2 = Linear(cfg.ffn_hidden, cfg.d_model, rng, dtype)
+
+    def __call__(self, x):
+        return self.w2(swiglu(self.w1(x), self.w3(x)))
+
+
 class Block(Module):
     """Pre-norm residual block: x + mix(norm1(x)), then x + ffn(norm2(x))."""
 
@@ -562,55 +586,8 @@ class Block(Module):
         return x + self.ffn(self.norm2(x))
 
 
-class Embedding(Module):
-    def __init__(self, n, d, rng, dtype):
-        self.weight = _normal(rng, (n, d), dtype)
-
-
 # ---------------------------------------------------------------------------
 # The model
-
-
-SERIAL_ROWS = 32  # up to this many tokens, one thread runs the Numba kernels
-
-
-@contextlib.contextmanager
-def serial_kernels(on=True):
-    """Run Numba kernels on the calling thread alone. Waking the other cores for a
-    parallel loop costs 50-90 us, far more than normalising one token's row, and a
-    decoded token calls ~100 kernels: 1 thread made medium decoding ~20% faster."""
-    prev = numba.get_num_threads()
-    if on:
-        numba.set_num_threads(1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(prev)
-
-
-class DecodeState:
-    """O(1) decoding state: per recurrent layer h [B, d]; per attention layer a
-    ring buffer of the last W rotated keys and values [B, KV, W, D]; and `pos`,
-    the number of tokens consumed (the absolute position of the next one)."""
-
-    def __init__(self, cfg, batch_size, dtype):
-        self.pos = 0
-        self.layers = []
-        for i in range(cfg.n_layers):
-            if cfg.is_attention(i):
-                shape = (batch_size, cfg.n_kv_heads, cfg.sliding_window, cfg.head_dim)
-                self.layers.append({"k": np.zeros(shape, dtype), "v": np.zeros(shape, dtype)})
-            else:
-                self.layers.append({"h": None})
-
-    def copy(self):
-        new = object.__new__(DecodeState)
-        new.pos = self.pos
-        new.layers = [{k: (None if a is None else a.copy()) for k, a in layer.items()} for layer in self.layers]
-        return new
-
-    def nbytes(self):
-        return sum(a.nbytes for layer in self.layers for a in layer.values() if a is not None)
 
 
 class Chimera(Module):
@@ -731,6 +708,52 @@ class Chimera(Module):
             raise ValueError("load_state_dict: " + " | ".join(parts))
         for n, p in params.items():
             p.data[...] = np.asarray(state[n], dtype=self.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Decoding: O(1) state per sequence, kernels on one thread for short chunks
+
+
+class DecodeState:
+    """O(1) decoding state: per recurrent layer h [B, d]; per attention layer a
+    ring buffer of the last W rotated keys and values [B, KV, W, D]; and `pos`,
+    the number of tokens consumed (the absolute position of the next one)."""
+
+    def __init__(self, cfg, batch_size, dtype):
+        self.pos = 0
+        self.layers = []
+        for i in range(cfg.n_layers):
+            if cfg.is_attention(i):
+                shape = (batch_size, cfg.n_kv_heads, cfg.sliding_window, cfg.head_dim)
+                self.layers.append({"k": np.zeros(shape, dtype), "v": np.zeros(shape, dtype)})
+            else:
+                self.layers.append({"h": None})
+
+    def copy(self):
+        new = object.__new__(DecodeState)
+        new.pos = self.pos
+        new.layers = [{k: (None if a is None else a.copy()) for k, a in layer.items()} for layer in self.layers]
+        return new
+
+    def nbytes(self):
+        return sum(a.nbytes for layer in self.layers for a in layer.values() if a is not None)
+
+
+SERIAL_ROWS = 32  # up to this many tokens, one thread runs the Numba kernels
+
+
+@contextlib.contextmanager
+def serial_kernels(on=True):
+    """Run Numba kernels on the calling thread alone. Waking the other cores for a
+    parallel loop costs 50-90 us, far more than normalising one token's row, and a
+    decoded token calls ~100 kernels: 1 thread made medium decoding ~20% faster."""
+    prev = numba.get_num_threads()
+    if on:
+        numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(prev)
 
 
 # ---------------------------------------------------------------------------
