@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import wyrd  # noqa: E402
 from wyrd import Chimera, ChimeraConfig, CheckpointError, get_config  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -126,12 +127,9 @@ def test_untied_model_roundtrip_stores_lm_head(tmp_path):
 
 
 def test_roundtrip_with_tokenizer(nano, tmp_path):
-    tokenizer = pytest.importorskip("tokenizer", reason="tokenizer.py is owned by another engineer")
-    if not hasattr(tokenizer, "Tokenizer") or not hasattr(tokenizer.Tokenizer, "train"):
-        pytest.skip("tokenizer.py has no Tokenizer.train yet")
     texts = ["Once upon a time there was a little cat.", "The cat liked to play with a red ball.",
              "One day the cat saw a big dog. The dog wanted to play too!"] * 3
-    tok = tokenizer.Tokenizer.train(texts, 256 + 3 + 24)
+    tok = Tokenizer.train(texts, 256 + 3 + 24)
     path = tmp_path / "with_tok.safetensors"
     wyrd.save(str(path), nano, tokenizer=tok, step=1)
     model, tok2, meta = wyrd.load(str(path))
@@ -146,7 +144,6 @@ def test_roundtrip_with_tokenizer(nano, tmp_path):
 
 
 def test_corrupt_tokenizer_metadata_is_a_checkpoint_error(nano, tmp_path):
-    pytest.importorskip("tokenizer", reason="tokenizer.py is owned by another engineer")
     path = tmp_path / "badtok.safetensors"
     metadata = {"format": "wyrd", "config": json.dumps(nano.config.to_dict()), "tokenizer": "{not json"}
     wyrd.write_safetensors(str(path), nano.state_dict(), metadata)
