@@ -8,9 +8,14 @@ questions about it, states simple world facts (FACTS), or says who Wyrd is.
 
     builtin_stories(n, seed)   # n distinct stories
     builtin_chats(n, seed)     # n conversations, lists of {"role", "content"}
+    fact_check(model, tok)     # what a model learned: facts, names per story, replies
 """
 import random
+import re
 
+import numpy as np
+
+from sampling import Settings, complete, generate
 from tokenizer import DEFAULT_SYSTEM
 
 _GIRLS = ("Lily Mia Sue Anna Emma Zoe Lucy Ella Rosa Maya Nina Amy Kate Lola Ruby "
@@ -490,3 +495,60 @@ def builtin_chats(n, seed=0):
 
 # every character name a story can use (the default run counts them per sampled story)
 NAMES = sorted(set(_GIRLS + _BOYS + _PET_NAMES))
+
+
+# ---------------------------------------------------------------------------
+# What a model learned from this corpus, for the default run's final report: sampled
+# stories and their names, the reply check, the world facts. Sampling is chat.py's
+# (sampling.py, the spec's defaults: temperature 0.7, top-k 50, top-p 0.9, repetition
+# penalty 1.1), so the numbers are what a user of chat.py sees.
+
+STORY_SAMPLES = 20              # stories the default run samples to count character names
+HELD_OUT_SEED = 1_000_003       # seed of the reply check's prompts, unused by training data
+
+
+def reply_check(model, tok, n=50, max_new=200, seed=HELD_OUT_SEED):
+    """Answer the first user turn of n held-out built-in conversations; -> (share of replies
+    that end with <|im_end|> within max_new tokens, [(messages, reply text)])."""
+    settings, rng = Settings(max_tokens=max_new), np.random.default_rng(seed)
+    ended, shown = 0, []
+    for chat in builtin_chats(n, seed=seed):
+        prompt = chat[:next(i for i, m in enumerate(chat) if m["role"] == "assistant")]
+        ids, _ = tok.render_chat(prompt, add_generation_prompt=True)
+        out = list(generate(model, tok, None, ids, settings, rng))
+        ended += out[-1] == tok.im_end_id
+        shown.append((prompt, tok.decode([t for t in out if t not in (tok.im_end_id, tok.eot_id)])))
+    return ended / n, shown
+
+
+def sample_stories(model, tok, n=3, max_new=300, seed=0):
+    starts = ["Once upon a time", "One day, a little", "There was once"]
+    settings, rng = Settings(max_tokens=max_new), np.random.default_rng(seed)
+    return [starts[i % 3] + "".join(complete(model, tok, starts[i % 3], settings, rng)) for i in range(n)]
+
+
+_NAME_RE = re.compile(r"\b(?:" + "|".join(NAMES) + r")\b")
+
+
+def names_per_story(stories):
+    """Mean number of distinct character names (from the corpus's name lists) per story:
+    the built-in stories have 1.6 (a hero, sometimes a named friend); a model that
+    forgets who its story is about introduces new ones."""
+    return float(np.mean([len(set(_NAME_RE.findall(s))) for s in stories]))
+
+
+def fact_check(model, tok, max_new=40):
+    """Greedy replies (argmax, no repetition penalty) to the built-in corpus's world facts,
+    asked with the default system prompt; -> (number answered exactly, [(question, reply)]
+    of the others)."""
+    right, wrong = 0, []
+    for question, answer in FACTS:
+        ids, _ = tok.render_chat([{"role": "system", "content": DEFAULT_SYSTEM},
+                                  {"role": "user", "content": question}], add_generation_prompt=True)
+        out = list(generate(model, tok, None, ids, Settings(temperature=0, repetition_penalty=1, max_tokens=max_new)))
+        reply = tok.decode([t for t in out if t not in (tok.im_end_id, tok.eot_id)])
+        if reply == answer and out[-1] == tok.im_end_id:
+            right += 1
+        else:
+            wrong.append((question, reply))
+    return right, wrong

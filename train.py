@@ -21,7 +21,6 @@ import itertools
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
@@ -34,8 +33,7 @@ import corpus
 from autograd import FAST, no_grad
 from data import DataError, Rows, load_tokens, tokenizer_texts
 from runtime import atomic_write
-from sampling import Settings, complete, generate
-from tokenizer import DEFAULT_SYSTEM, Tokenizer, TokenizerError
+from tokenizer import Tokenizer, TokenizerError
 
 # ----------------------------------------------------------------------------
 # Configuration
@@ -70,8 +68,6 @@ class TrainConfig:
 # high learning rate and a short warmup are safe.
 PRETRAIN = TrainConfig()
 FINETUNE = replace(PRETRAIN, steps=250, seq_len=384, lr=1e-3, min_lr=1e-4, warmup=20, weight_decay=0.01)
-STORY_SAMPLES = 20              # stories the default run samples to count character names
-HELD_OUT_SEED = 1_000_003       # seed of the reply check's prompts, unused by training data
 FINAL_VAL_ROWS = 192            # held-out rows of the final evaluation (all of a small split)
 
 
@@ -411,58 +407,6 @@ def resume_config(out, given):
 
 
 # ----------------------------------------------------------------------------
-# The final report: samples, the reply check, world facts and names, with
-# chat.py's sampler (sampling.py, the spec's defaults: temperature 0.7, top-k 50,
-# top-p 0.9, repetition penalty 1.1), so the numbers are what a user of chat.py sees.
-
-def reply_check(model, tok, n=50, max_new=200, seed=HELD_OUT_SEED):
-    """Answer the first user turn of n held-out built-in conversations; -> (share of replies
-    that end with <|im_end|> within max_new tokens, [(messages, reply text)])."""
-    settings, rng = Settings(max_tokens=max_new), np.random.default_rng(seed)
-    ended, shown = 0, []
-    for chat in corpus.builtin_chats(n, seed=seed):
-        prompt = chat[:next(i for i, m in enumerate(chat) if m["role"] == "assistant")]
-        ids, _ = tok.render_chat(prompt, add_generation_prompt=True)
-        out = list(generate(model, tok, None, ids, settings, rng))
-        ended += out[-1] == tok.im_end_id
-        shown.append((prompt, tok.decode([t for t in out if t not in (tok.im_end_id, tok.eot_id)])))
-    return ended / n, shown
-
-
-def sample_stories(model, tok, n=3, max_new=300, seed=0):
-    starts = ["Once upon a time", "One day, a little", "There was once"]
-    settings, rng = Settings(max_tokens=max_new), np.random.default_rng(seed)
-    return [starts[i % 3] + "".join(complete(model, tok, starts[i % 3], settings, rng)) for i in range(n)]
-
-
-_NAME_RE = re.compile(r"\b(?:" + "|".join(corpus.NAMES) + r")\b")
-
-
-def names_per_story(stories):
-    """Mean number of distinct character names (from the corpus's name lists) per story:
-    the built-in stories have 1.6 (a hero, sometimes a named friend); a model that
-    forgets who its story is about introduces new ones."""
-    return float(np.mean([len(set(_NAME_RE.findall(s))) for s in stories]))
-
-
-def fact_check(model, tok, max_new=40):
-    """Greedy replies (argmax, no repetition penalty) to the built-in corpus's world facts,
-    asked with the default system prompt; -> (number answered exactly, [(question, reply)]
-    of the others)."""
-    right, wrong = 0, []
-    for question, answer in corpus.FACTS:
-        ids, _ = tok.render_chat([{"role": "system", "content": DEFAULT_SYSTEM},
-                                  {"role": "user", "content": question}], add_generation_prompt=True)
-        out = list(generate(model, tok, None, ids, Settings(temperature=0, repetition_penalty=1, max_tokens=max_new)))
-        reply = tok.decode([t for t in out if t not in (tok.im_end_id, tok.eot_id)])
-        if reply == answer and out[-1] == tok.im_end_id:
-            right += 1
-        else:
-            wrong.append((question, reply))
-    return right, wrong
-
-
-# ----------------------------------------------------------------------------
 # Commands
 
 def train_tokenizer(texts, vocab_size):
@@ -562,8 +506,8 @@ def run_default(out="out/wyrd.safetensors", resume=False, preset="tiny", pre=PRE
         if result["interrupted"]:
             return result
         meta = result["meta"]
-        samples = sample_stories(model, tok, n=STORY_SAMPLES)
-        meta["story_samples"], meta["names_per_story"] = samples[:3], names_per_story(samples)
+        samples = corpus.sample_stories(model, tok, n=corpus.STORY_SAMPLES)
+        meta["story_samples"], meta["names_per_story"] = samples[:3], corpus.names_per_story(samples)
         for story in meta["story_samples"]:
             print(f"--- sample story ---\n{story}")
         model, tok, result = finetune([chats], None, out, ft, model=model, tok=tok, meta=meta, fresh_log=False)
@@ -573,8 +517,8 @@ def run_default(out="out/wyrd.safetensors", resume=False, preset="tiny", pre=PRE
     if result["interrupted"]:
         return result
     meta = result["meta"]
-    rate, replies = reply_check(model, tok, n=check) if check else (float("nan"), [])
-    facts, wrong = fact_check(model, tok) if check else (0, [])
+    rate, replies = corpus.reply_check(model, tok, n=check) if check else (float("nan"), [])
+    facts, wrong = corpus.fact_check(model, tok) if check else (0, [])
     wall = time.time() - t0
     print(f"\n=== Wyrd: {out} written in {_hms(wall)} (this session) ===")
     for ph in ("pretrain", "finetune"):
@@ -585,7 +529,7 @@ def run_default(out="out/wyrd.safetensors", resume=False, preset="tiny", pre=PRE
     print(f"world facts answered exactly (greedy): {facts} of {len(corpus.FACTS)}"
           + "".join(f"\n  {q} -> {a!r}" for q, a in wrong[:5]))
     print(f"distinct character names per sampled story: {meta.get('names_per_story', float('nan')):.2f} "
-          f"({STORY_SAMPLES} stories; the built-in stories have 1.6)")
+          f"({corpus.STORY_SAMPLES} stories; the built-in stories have 1.6)")
     for story in meta.get("story_samples", []):
         print(f"\n--- story ---\n{story}")
     for prompt, reply in replies[:3]:

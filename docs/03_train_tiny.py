@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 
 import report  # noqa: E402
 import svg  # noqa: E402
+import corpus  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
 import wyrd  # noqa: E402
@@ -83,7 +84,7 @@ loss_before = train.evaluate(untrained, story_val, PRE)
 counts = np.bincount(np.asarray(train_tok[:, 0]), minlength=tok.vocab_size)
 p = counts[counts > 0] / counts.sum()
 unigram = float(-(p * np.log(p)).sum())
-stories_before = train.sample_stories(untrained, tok, n=N_SAMPLES, max_new=MAX_NEW)
+stories_before = corpus.sample_stories(untrained, tok, n=N_SAMPLES, max_new=MAX_NEW)
 print(f"untrained held-out loss {loss_before:.3f} (ln V = {math.log(tok.vocab_size):.3f}, "
       f"unigram entropy {unigram:.3f})")
 print(stories_before[0][:200])
@@ -100,7 +101,7 @@ out_pre = os.path.join(work, "pretrain.safetensors")
 t0 = time.time()
 model, tok, pre = train.pretrain([STORIES], out_pre, PRESET, cfg=PRE, tok=tok)
 pre_time = time.time() - t0
-stories_after = train.sample_stories(model, tok, n=N_SAMPLES, max_new=MAX_NEW)
+stories_after = corpus.sample_stories(model, tok, n=N_SAMPLES, max_new=MAX_NEW)
 print(f"pretraining: {pre_time:.0f}s, held-out {pre['val_loss']:.3f}")
 print(stories_after[0])
 
@@ -108,7 +109,7 @@ print(stories_after[0])
 # ## Fine-tuning on conversations
 #
 # Before fine-tuning, we ask the pretrained model the first user turn of held-out
-# conversations (`train.reply_check`): it has never seen ChatML, so it rarely
+# conversations (`corpus.reply_check`): it has never seen ChatML, so it rarely
 # closes its reply with `<|im_end|>`. `train.finetune` then trains on packed
 # conversations with the assistant-only loss mask.
 
@@ -116,13 +117,13 @@ print(stories_after[0])
 chat_train, chat_val_tok, _ = data.load_tokens([CHATS], tok, work, chat=True)
 chat_val = data.Rows.packed(chat_val_tok, FT.seq_len, tok.eot_id)
 chat_loss_before = train.evaluate(model, chat_val, FT)
-rate_before, replies_before = train.reply_check(model, tok, n=N_CHATS, max_new=CHAT_NEW)
+rate_before, replies_before = corpus.reply_check(model, tok, n=N_CHATS, max_new=CHAT_NEW)
 
 out_ft = os.path.join(work, "chat.safetensors")
 t0 = time.time()
 model, tok, ft = train.finetune([CHATS], None, out_ft, FT, model=model, tok=tok, meta=pre["meta"])
 ft_time = time.time() - t0
-rate_after, replies_after = train.reply_check(model, tok, n=N_CHATS, max_new=CHAT_NEW)
+rate_after, replies_after = corpus.reply_check(model, tok, n=N_CHATS, max_new=CHAT_NEW)
 print(f"fine-tuning: {ft_time:.0f}s, held-out {ft['val_loss']:.3f}; replies ending with <|im_end|>: "
       f"{rate_before:.0%} before, {rate_after:.0%} after")
 
@@ -202,9 +203,9 @@ rep.record(loss_before=loss_before, pretrain_train_loss=pre_final["train_loss"],
 # %% [markdown]
 # ## Samples
 #
-# Stories start from "Once upon a time" and friends (`train.sample_stories`);
+# Stories start from "Once upon a time" and friends (`corpus.sample_stories`);
 # chat replies answer the first user turn of held-out conversations
-# (`train.reply_check`). Both sample with chat.py's default settings.
+# (`corpus.reply_check`). Both sample with chat.py's default settings.
 
 
 # %%
@@ -215,8 +216,8 @@ def quote(text):
 rep.md("""
 ## Samples
 
-Sampled with chat.py's default settings (`train.sample_stories` for stories,
-`train.reply_check` for the first user turn of held-out conversations).
+Sampled with chat.py's default settings (`corpus.sample_stories` for stories,
+`corpus.reply_check` for the first user turn of held-out conversations).
 
 ### Stories before pretraining (untrained model)""")
 rep.md(quote(stories_before[0][:300] + " ..."))

@@ -208,7 +208,7 @@ def test_default_run_resumes_in_the_finetune_phase(tmp_path, tok, monkeypatch):
     pre = replace(TINY, steps=4, ckpt_every=4)
     ft = replace(TINY, steps=4, seq_len=128, lr=1e-3)
     monkeypatch.setattr(train, "train_tokenizer", lambda texts, vocab: tok)  # same vocabulary, faster
-    monkeypatch.setattr(train, "sample_stories", lambda model, tok, n: ["a story"])
+    monkeypatch.setattr(corpus, "sample_stories", lambda model, tok, n: ["a story"])
     kw = dict(preset="nano", pre=pre, ft=ft, stories="builtin:150", chats="builtin:80", check=2)
     ref = str(tmp_path / "ref" / "wyrd.safetensors")
     done = train.run_default(ref, **kw)
