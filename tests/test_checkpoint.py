@@ -617,7 +617,7 @@ def test_get_config_unknown_name_lists_presets():
         get_config("gigantic")
     msg = str(e.value)
     assert "gigantic" in msg
-    for name in ("nano", "tiny", "small", "medium", "base", "large"):
+    for name in ("nano", "micro", "tiny", "small", "medium", "base", "large"):
         assert name in msg
 
 
