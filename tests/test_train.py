@@ -484,3 +484,32 @@ def test_random_sigkills_during_training_always_leave_a_resumable_run(tmp_path, 
     assert [r for r in losses(out)] == losses(ref)
     a, b = final_weights(out), final_weights(ref)
     assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_run(tmp_path, tok):
+    """The operating system refuses the write (a file-size limit: EFBIG, as ENOSPC would on
+    a full disk) in the middle of a checkpoint save: one line, exit code 2, and the run on
+    disk is the previous checkpoint, which resumes to the same weights as an unbroken run."""
+    import resource
+    import subprocess
+    import sys
+    ref = str(tmp_path / "ref.safetensors")
+    assert train.main(kill_flags(tmp_path, tok, ref)) == 0
+    out = str(tmp_path / "run.safetensors")
+    assert train.main(kill_flags(tmp_path, tok, out, steps=3)) == 0
+    limit = os.path.getsize(out) // 2   # the log's lines fit; neither checkpoint file does
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    full = subprocess.run([sys.executable, os.path.join(env["PYTHONPATH"], "train.py")]
+                          + kill_flags(tmp_path, tok, out) + ["--resume"], env=env, preexec_fn=small_disk,
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode == 2, full.stderr
+    assert full.stderr.count("\n") == 1 and "File too large" in full.stderr and "Traceback" not in full.stderr
+    assert json.loads(wyrd.read_safetensors(out)[1]["meta"])["step"] == 3
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]   # no half-written file left behind
+    assert train.main(kill_flags(tmp_path, tok, out) + ["--resume"]) == 0
+    assert losses(out)[3:] == losses(ref)[3:]   # (the first run ended at step 3: its last record differs)
+    a, b = final_weights(out), final_weights(ref)
+    assert all(np.array_equal(a[k], b[k]) for k in b)
