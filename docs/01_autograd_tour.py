@@ -15,26 +15,19 @@
 # or open it as a notebook (Jupyter with jupytext, or VS Code).
 
 # %%
-import os
-import sys
+import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
 
-# this folder: from __file__ as a script; as a notebook, the working folder (docs/ or the repo root)
-HERE = (os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else
-        next(d for d in (os.getcwd(), os.path.join(os.getcwd(), "docs")) if os.path.exists(os.path.join(d, "svg.py"))))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # docs/ (svg, report) and the repo root (autograd, wyrd)
+from dataclasses import replace
 
-from dataclasses import replace  # noqa: E402
+import numpy as np
 
-import autograd  # noqa: E402  (before NumPy: it sets the BLAS/OpenMP thread policy)
-import numpy as np  # noqa: E402
-
-import report  # noqa: E402
-import svg  # noqa: E402
-import wyrd  # noqa: E402
-from autograd import Tensor, gradcheck, no_grad  # noqa: E402
+import autograd
+import svg
+import wyrd
+from autograd import Tensor, gradcheck, no_grad
 
 args = report.parse_args("Autograd tour: a small graph, and every gradient checked numerically.")
-rep = report.Report(args, "01_autograd_tour", "Autograd tour")
+rep = report.Report(args, "01_autograd_tour")
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -68,7 +61,9 @@ print("loss", loss.item())
 # `_backward`. The closure's qualified name tells which operation made it
 # (`Tensor.__add__.<locals>.backward` is `+`). Walking `_parents` from the loss
 # gives the whole graph. (After `backward()` the graph is released to save
-# memory, so we look at it first.)
+# memory, so we look at it first.) Subtraction from a constant and negation
+# appear as `-` and `*` with a constant, because `1 - p` is `Tensor.__rsub__`
+# and `-t` is `t * -1`.
 
 # %%
 OPS = {"__add__": "+", "__sub__": "-", "__mul__": "*", "__truediv__": "/", "__pow__": "**",
@@ -109,21 +104,6 @@ for i, (nid, label, parents) in enumerate(nodes):
     mermaid.append(f'  n{i}["{label}"]')
     mermaid += [f"  n{index[p]} --> n{i}" for p in parents]
 
-rep.md("""
-## 1. A small expression and its graph
-
-Logistic regression on four points, in float64:
-
-```python
-p = (x @ w + b).sigmoid()                                   # x [4, 3], w [3, 1], b [1]
-loss = -(y * p.log() + (1.0 - y) * (1.0 - p).log()).mean()
-```
-
-The graph the operations recorded (each node is an op and the shape of its
-result; read off `Tensor._parents` and the name of each `_backward` closure).
-Subtraction from a constant and negation appear as `-` and `*` with a constant,
-because `1 - p` is `Tensor.__rsub__` and `-t` is `t * -1`:
-""")
 rep.md("```mermaid\n" + "\n".join(mermaid) + "\n```")
 rep.record(graph_nodes=len(nodes), graph_ops=sum(1 for n in nodes if n[2]))
 
@@ -165,12 +145,6 @@ for name, t in (("x", x), ("w", w), ("b", b)):
                  float(err.max()), rel])
     print(f"{name}: max |analytic - numeric| {err.max():.2e}, max relative {rel:.2e}")
 
-rep.md("""
-## 2. Every gradient of it, checked by finite differences
-
-`loss.backward()` against the central difference `(L(θ+ε) - L(θ-ε)) / 2ε` with
-ε = 1e-6, for every entry of every input (first entry shown):
-""")
 rep.table(["input", "shape", "analytic (first entry)", "numeric (first entry)", "max abs error", "max rel error"], rows)
 rep.record(tour_max_rel_error=worst)
 
@@ -206,13 +180,6 @@ y.data = y.data.astype(np.float64)
 best = {k: float(epsilons[int(np.argmin(v))]) for k, v in sweep.items()}
 print("best epsilon:", best)
 
-rep.md("""
-## 3. Why ε = 1e-6: the finite-difference error against ε
-
-Truncation error falls as ε², rounding error grows as u/ε (u = 1.1e-16 in
-float64, 6e-8 in float32); the sum is smallest near ε ≈ u^(1/3). Error of
-dL/dw[0] computed both ways against the float64 analytic value:
-""")
 rep.figure("01_fd_error.svg", svg.line_plot(
     None, [{"label": k, "x": list(epsilons), "y": [e if e > 0 else None for e in v], "marker": True}
            for k, v in sweep.items()],
@@ -284,15 +251,6 @@ for name, f, inputs in checks:
     op_rows.append([name, " ".join(str(list(t.shape)) for t in inputs), err])
     print(f"{name:38s} worst error / tolerance {err:.2e}")
 
-rep.md("""
-## 4. Every operation the model uses
-
-`autograd.gradcheck(f, inputs)` checks `sum(f(inputs) * G)` for a random
-mixed-sign `G` by central differences (ε = 1e-6, float64) and returns the worst
-error as a fraction of the tolerance `1e-7 + 1e-5 |numeric|`: anything ≤ 1
-passes (it raises otherwise). The kernels are those of `wyrd.py`; the attention
-check uses a window of 3 over 7 positions and 4 query heads sharing 2 KV heads.
-""")
 rep.table(["op", "input shapes", "worst error / tolerance"], op_rows)
 rep.record(op_checks={name: err for name, _, err in op_rows})
 
@@ -316,8 +274,6 @@ model_err = gradcheck(lambda *ps: model.loss(ids[:, :-1], ids[:, 1:]), [p for _,
 print(f"whole nano model: {len(params)} parameter tensors, worst error / tolerance {model_err:.2e}")
 
 rep.md(f"""
-## 5. A whole model
-
 The `nano` preset in float64 (window 4, vocabulary 64, {model.num_params():,} parameters in
 {len(params)} tensors: {sum(not cfg.is_attention(i) for i in range(cfg.n_layers))} recurrent and
 {sum(cfg.is_attention(i) for i in range(cfg.n_layers))} attention layer), loss over 2 sequences of 9

@@ -23,29 +23,22 @@
 #    in the context length, against a transformer's growing KV cache.
 
 # %%
+import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
+
 import os
-import sys
+import tempfile
+from dataclasses import replace
 
-# this folder: from __file__ as a script; as a notebook, the working folder (docs/ or the repo root)
-HERE = (os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else
-        next(d for d in (os.getcwd(), os.path.join(os.getcwd(), "docs")) if os.path.exists(os.path.join(d, "svg.py"))))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # docs/ (svg, report) and the repo root (wyrd, train)
+import numpy as np
 
-import tempfile  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import autograd  # noqa: E402, F401  (before NumPy: it sets the BLAS/OpenMP thread policy)
-import numpy as np  # noqa: E402
-
-import report  # noqa: E402
-import svg  # noqa: E402
-import data  # noqa: E402
-import train  # noqa: E402
-import wyrd  # noqa: E402
-from autograd import Tensor, embedding, no_grad  # noqa: E402
+import svg
+import data
+import train
+import wyrd
+from autograd import Tensor, embedding, no_grad
 
 args = report.parse_args("RG-LRU anatomy: decay spectrum, memory horizons, impulse response, state size.")
-rep = report.Report(args, "02_rglru_anatomy", "RG-LRU anatomy")
+rep = report.Report(args, "02_rglru_anatomy")
 
 # Full: the tiny preset (d=256, 6 layers: 4 recurrent, 2 attention) for a few minutes of CPU.
 PRESET = "nano" if args.quick else "tiny"
@@ -70,6 +63,13 @@ c = cfg.c
 recurrent = [i for i in range(cfg.n_layers) if not cfg.is_attention(i)]
 attention = [i for i in range(cfg.n_layers) if cfg.is_attention(i)]
 print(f"{PRESET}: layers {recurrent} recurrent, {attention} attention; held-out loss {result['val_loss']:.3f}")
+rep.md(f"""
+A `{PRESET}` Wyrd (d_model {cfg.d_model}, layers {recurrent} recurrent and {attention} attention,
+window {cfg.sliding_window}, {model.num_params():,} parameters) pretrained with `train.pretrain` on
+the built-in stories for {CFG.steps} steps of {CFG.batch_size} x {CFG.seq_len} tokens: held-out loss
+{result['val_loss']:.3f} (train {result['train_loss']:.3f}). Its untrained twin (same seed) is
+the "init" below.
+""")
 
 # %% [markdown]
 # ## 1. The spectrum of decay rates
@@ -114,21 +114,7 @@ series = [{"label": "init", "x": list(centres), "y": histogram(init_tau), "color
            "marker": True},
           {"label": f"after {CFG.steps} steps", "x": list(centres), "y": histogram(trained_tau), "marker": True}]
 
-rep.md(f"""
-A `{PRESET}` Wyrd (d_model {cfg.d_model}, layers {recurrent} recurrent and {attention} attention,
-window {cfg.sliding_window}, {model.num_params():,} parameters) pretrained with `train.pretrain` on
-the built-in stories for {CFG.steps} steps of {CFG.batch_size} x {CFG.seq_len} tokens: held-out loss
-{result['val_loss']:.3f} (train {result['train_loss']:.3f}). Its untrained twin (same seed) is
-the "init" below.
-
-## 1. The spectrum of decay rates
-
-Per channel, `a = sigmoid(lambda_param)`; with the recurrence gate open (`r_t = 1`)
-the channel's state decays as `a^c` per token, a horizon (time constant) of
-`τ = 1 / (c |ln a|)` tokens. Wyrd's init draws `a²` uniformly in [0.81, 0.998]
-(Griffin's range), so τ runs from 1.2 to 125 tokens, most channels at the short end. Share of channels per horizon bin,
-all {len(recurrent)} recurrent layers pooled:
-""")
+rep.md(f"Share of channels per horizon bin, all {len(recurrent)} recurrent layers pooled:")
 rep.figure("02_decay_spectrum.svg", svg.line_plot(
     None, series, title="Decay spectrum: horizon with the gate open, 1 / (c |ln a|)",
     xlabel="horizon τ (tokens, log scale)", ylabel="share of channels", logx=True, legend="top right"),
@@ -214,13 +200,9 @@ for name, row in zip(eff, rows):
     print(f"{name}: mean r {row[1]:.2f}, median effective horizon {row[2]:.1f} tokens")
 
 rep.md(f"""
-## 2. Memory horizons on text
-
-The gate `r_t = sigmoid(recurrence_gate_proj(x_t))` scales the exponent: the decay
-applied at step t is `a_t = exp(c r_t ln a)`, so a half-open gate doubles the
-horizon. Averaging `-ln a_t` over {IMPULSE_T} held-out positions gives each channel's
-effective horizon on text (channels sorted, shortest first). Dashed lines: the
-attention window W = {cfg.sliding_window} and the training length {CFG.seq_len}.
+Each channel's effective horizon on {IMPULSE_T} held-out positions of the trained model and of
+its init (channels sorted, shortest first; a half-open gate doubles the horizon). Dashed lines:
+the attention window W = {cfg.sliding_window} and the training length {CFG.seq_len}.
 """)
 rep.figure("02_memory_horizon.svg", svg.line_plot(
     None, series, title="Effective memory horizon per channel on held-out text",
@@ -268,16 +250,11 @@ for i in recurrent + attention:
           f"max after the window {after.max() if len(after) else float('nan'):.2e}")
 
 rep.md(f"""
-## 3. An impulse through a layer
-
-The input of each layer of the trained model (float64 copy) is perturbed at
-position 0 only; the curves show `|Δy_t| / |Δy_0|`, the change of the layer's
-output at position t. Recurrent layers: the perturbation enters the state once
-and then decays as `Δh_t = a_t Δh_(t-1)`, never exactly zero (the slowest channels
-dominate the tail). Attention layers (dashed): exactly zero from t = W =
-{cfg.sliding_window} on, where position 0 leaves the window (the line stops: zero is
-off a log axis). Inside the window the attention response swings widely from
-position to position, with how much each query happens to attend to position 0.
+The curves show `|Δy_t| / |Δy_0|` for each layer of the trained model (float64 copy). The
+slowest channels dominate the recurrent tails. Attention layers (dashed) are exactly zero from
+t = W = {cfg.sliding_window} on, where position 0 leaves the window (the line stops: zero is off a
+log axis); inside the window their response swings with how much each query happens to attend
+to position 0.
 """)
 rep.figure("02_impulse.svg", svg.line_plot(
     None, series, title="Impulse at position 0: relative change of each layer's output",
@@ -332,14 +309,7 @@ contexts = [2 ** k for k in range(6, 18)]   # 64 .. 131,072 tokens
 wyrd_b = [state_bytes(medium)] * len(contexts)
 kv_b = [kv_cache_bytes(medium, n) for n in contexts]
 ring_b = [kv_cache_bytes(medium, min(n, medium.sliding_window)) for n in contexts]
-rep.md(f"""
-## 4. State size against context length
-
-Decoding keeps per recurrent layer `h` [B, d] and per attention layer a ring
-buffer of the last W rotated keys and values [B, KV, W, D] (`wyrd.DecodeState`);
-a transformer with full attention keeps every past key and value. Measured on the
-model above (`DecodeState.nbytes()` after stepping to each context):
-""")
+rep.md("Measured on the model above (`DecodeState.nbytes()` after stepping to each context):")
 rep.table(["context"] + [str(n) for n in measured_at],
           [["measured state bytes"] + measured, ["formula"] + [state_bytes(cfg)] * len(measured_at)])
 rep.md(f"""

@@ -8,38 +8,31 @@
 # 3. **fine-tuning** on ChatML conversations, where the loss is taken only on
 #    the assistant's tokens and its closing `<|im_end|>`.
 #
-# We use the public functions of `train.py` (`pretrain`, `finetune`,
-# `sample_stories`, `reply_check`), read the JSONL logs they write, and look
-# at samples before and after each phase.
+# We use the public functions of `train.py` (`pretrain`, `finetune`) and the
+# checks of `corpus.py` (`sample_stories`, `reply_check`), read the JSONL logs
+# they write, and look at samples before and after each phase.
 
 # %%
+import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
+
 import os
-import sys
+import itertools
+import json
+import math
+import tempfile
+import time
+from dataclasses import replace
 
-# this folder: from __file__ as a script; as a notebook, the working folder (docs/ or the repo root)
-HERE = (os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else
-        next(d for d in (os.getcwd(), os.path.join(os.getcwd(), "docs")) if os.path.exists(os.path.join(d, "svg.py"))))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # docs/ (svg, report) and the repo root (wyrd, train)
+import numpy as np
 
-import itertools  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import autograd  # noqa: E402, F401  (before NumPy: it sets the BLAS/OpenMP thread policy)
-import numpy as np  # noqa: E402
-
-import report  # noqa: E402
-import svg  # noqa: E402
-import corpus  # noqa: E402
-import data  # noqa: E402
-import train  # noqa: E402
-import wyrd  # noqa: E402
+import svg
+import corpus
+import data
+import train
+import wyrd
 
 args = report.parse_args("Train a tiny Wyrd: loss curves of pretraining and fine-tuning, samples before and after.")
-rep = report.Report(args, "03_train_tiny", "Train a tiny Wyrd")
+rep = report.Report(args, "03_train_tiny")
 quick = args.quick
 
 PRESET = "nano" if quick else "tiny"
@@ -132,6 +125,15 @@ print(f"fine-tuning: {ft_time:.0f}s, held-out {ft['val_loss']:.3f}; replies endi
 #
 # The logs hold the training loss of every step, the held-out loss every
 # `eval_every` steps, and a final record with both losses of the final model.
+# Cross-entropy is in nats per token; held-out is the last 5% of the stories
+# (or chats), never trained on. Two reference lines: ln(vocab), the loss of a
+# uniform guess, and the unigram entropy of the training tokens, the loss of a
+# model that knows how often each token occurs but ignores the context. Every
+# model gets there within a few dozen steps; from the spec's reference init the
+# hybrid then sat on that plateau for a hundred steps (docs/04), from Wyrd's it
+# goes straight through. Everything below the line is learned from the context.
+# Fine-tuning counts assistant tokens only; its step 0 is the pretrained model,
+# which has never seen the ChatML template.
 
 
 # %%
@@ -155,36 +157,20 @@ ft_log, ft_final = read_log(out_ft)
 tok_s = {"pretrain": pre_log[-1]["tokens_per_s"], "finetune": ft_log[-1]["tokens_per_s"]}
 
 rep.md(f"""
-The recipe of `python train.py` scaled down to minutes: a `{PRESET}` model ({model.num_params():,}
-parameters: d_model {config.d_model}, {config.n_layers} layers, attention every
-{config.attention_every_n}rd, window {config.sliding_window}), a {tok.vocab_size}-token BPE
-trained on the built-in stories and chats, then `train.pretrain` and `train.finetune`.
+A `{PRESET}` model ({model.num_params():,} parameters: d_model {config.d_model}, {config.n_layers} layers,
+attention every {config.attention_every_n}rd, window {config.sliding_window}), a {tok.vocab_size}-token BPE
+trained on the built-in stories and chats; ln(vocab) = {math.log(tok.vocab_size):.2f}, unigram entropy
+{unigram:.2f}.
 
 | phase | data | steps x batch x length | tokens | lr (peak → floor) | wall time | tokens/s |
 |---|---|---|---|---|---|---|
 | pretraining | `{STORIES}` stories | {PRE.steps} x {PRE.batch_size} x {PRE.seq_len} | {PRE.steps * PRE.batch_size * PRE.seq_len:,} | {PRE.lr:g} → {PRE.min_lr:g} | {pre_time:.0f} s | {tok_s['pretrain']:,.0f} |
 | fine-tuning | `{CHATS}` chats | {FT.steps} x {FT.batch_size} x {FT.seq_len} | {FT.steps * FT.batch_size * FT.seq_len:,} | {FT.lr:g} → {FT.min_lr:g} | {ft_time:.0f} s | {tok_s['finetune']:,.0f} |
-
-## Pretraining
-
-Cross-entropy in nats per token. Held-out = the last 5% of the stories, never
-trained on. Two reference lines: ln(vocab) = {math.log(tok.vocab_size):.2f}, the loss of a uniform
-guess, and the unigram entropy of the training tokens, {unigram:.2f}: the loss of a model
-that knows how often each token occurs but ignores the context. Every model gets there
-within a few dozen steps; from the spec's reference init the hybrid then sat on that
-plateau for a hundred steps (docs/04), from Wyrd's it goes straight through. Everything
-below the line is learned from the context.
 """)
 rep.figure("03_pretrain_loss.svg", svg.line_plot(
     None, curves(pre_log, pre_final, loss_before), title="Pretraining on stories", xlabel="optimizer step",
     ylabel="loss (nats/token)", legend="bottom left",
     hlines=[(math.log(tok.vocab_size), "uniform guess"), (unigram, "unigram entropy")]), "pretraining loss")
-rep.md("""
-## Fine-tuning
-
-Loss on assistant tokens only (everything else is masked out). Step 0 is the
-pretrained model, which has never seen the ChatML template.
-""")
 rep.figure("03_finetune_loss.svg", svg.line_plot(
     None, curves(ft_log, ft_final, chat_loss_before), title="Fine-tuning on conversations (assistant tokens)",
     xlabel="optimizer step", ylabel="loss (nats/token)", legend="bottom left"), "fine-tuning loss")
@@ -199,7 +185,6 @@ rep.record(loss_before=loss_before, pretrain_train_loss=pre_final["train_loss"],
            unigram_entropy=unigram,
            pretrain_seconds=pre_time, finetune_seconds=ft_time, tokens_per_s=tok_s, params=model.num_params())
 
-
 # %% [markdown]
 # ## Samples
 #
@@ -213,13 +198,7 @@ def quote(text):
     return "```text\n" + text.strip().replace("```", "'''") + "\n```"
 
 
-rep.md("""
-## Samples
-
-Sampled with chat.py's default settings (`corpus.sample_stories` for stories,
-`corpus.reply_check` for the first user turn of held-out conversations).
-
-### Stories before pretraining (untrained model)""")
+rep.md("### Stories before pretraining (untrained model)")
 rep.md(quote(stories_before[0][:300] + " ..."))
 rep.md("### Stories after pretraining")
 for s in stories_after:

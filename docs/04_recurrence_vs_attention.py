@@ -20,33 +20,26 @@
 # the last sections measure why, and what each change to the init bought.
 
 # %%
+import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
+
 import os
-import sys
+import json
+import tempfile
+import time
+from dataclasses import replace
 
-# this folder: from __file__ as a script; as a notebook, the working folder (docs/ or the repo root)
-HERE = (os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else
-        next(d for d in (os.getcwd(), os.path.join(os.getcwd(), "docs")) if os.path.exists(os.path.join(d, "svg.py"))))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # docs/ (svg, report) and the repo root (wyrd, train)
+import numpy as np
 
-import json  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import autograd  # noqa: E402, F401  (before NumPy: it sets the BLAS/OpenMP thread policy)
-import numpy as np  # noqa: E402
-
-import report  # noqa: E402
-import svg  # noqa: E402
-import data  # noqa: E402
-import train  # noqa: E402
-import wyrd  # noqa: E402
-from autograd import embedding, no_grad  # noqa: E402
+import svg
+import data
+import train
+import wyrd
+from autograd import embedding, no_grad
 
 args = report.parse_args("Recurrence vs attention: attention_every_n in {1, 2, 3, 0} at the same budget.",
                          [("--tinystories", "a TinyStories text file (stories separated by <|endoftext|>): "
                                             "adds the same comparison on real text, its last 5%% held out")])
-rep = report.Report(args, "04_recurrence_vs_attention", "Recurrence vs attention")
+rep = report.Report(args, "04_recurrence_vs_attention")
 quick = args.quick
 
 STORIES = "builtin:400" if quick else "builtin:8000"
@@ -197,23 +190,25 @@ ref = {n: run(n, f"{name}, reference init", stories, init="reference", tag=f"ref
 
 # %% [markdown]
 # ## Results
+#
+# Each model is trained by `train.train` with the same settings; held-out = the
+# last 5% of the stories, never trained on. An attention layer has fewer
+# parameters than a recurrent one here (q, k, v, o with grouped KV: 3 d² against
+# the RG-LRU's 4 d² + 5 d), so the all-attention model is the smallest. The last
+# two rows are the spec's reference initialisation, which the first version of
+# this page used for all four: there the hybrid learned far worse than attention.
+#
+# Training tokens/s is from the median step time in the training log; decoding
+# tokens/s is `model.step` one token at a time after a prompt of the training
+# length. Both are wall-clock on a shared 2-core machine, so read them as
+# ratios, not absolutes.
 
 # %%
 tokens = CFG.steps * CFG.batch_size * CFG.seq_len
 rep.md(f"""
-Four models that differ only in `attention_every_n`: d_model {BASE.d_model}, {BASE.n_layers} layers,
-{BASE.n_heads} heads / {BASE.n_kv_heads} KV heads, window W = {BASE.sliding_window}, vocabulary
-{stories['tok'].vocab_size}. Each is trained by `train.train` for {CFG.steps} steps of {CFG.batch_size} x
-{CFG.seq_len} tokens ({tokens:,} tokens, peak lr {CFG.lr:g}, seed
-{CFG.seed}) on `{STORIES}` built-in stories; held-out = the last 5%, never trained on. An attention
-layer has fewer parameters than a recurrent one here (q, k, v, o with grouped KV:
-3 d² against the RG-LRU's 4 d² + 5 d), so the all-attention model is the smallest.
-The last two rows are the spec's reference initialisation, which the first version
-of this page used for all four: there the hybrid learned far worse than attention.
-
-Training tokens/s is from the median step time in the training log; decoding
-tokens/s is `model.step` one token at a time after a {CFG.seq_len}-token prompt. Both
-are wall-clock on a shared 2-core machine, so read them as ratios, not absolutes.
+d_model {BASE.d_model}, {BASE.n_layers} layers, {BASE.n_heads} heads / {BASE.n_kv_heads} KV heads, window
+W = {BASE.sliding_window}, vocabulary {stories['tok'].vocab_size}; {CFG.steps} steps of {CFG.batch_size} x
+{CFG.seq_len} tokens ({tokens:,} tokens, peak lr {CFG.lr:g}, seed {CFG.seed}) on `{STORIES}` built-in stories.
 """)
 order = [n for n, _ in VARIANTS]
 table_runs = [runs[n] for n in order] + [ref[n] for n in ref]
@@ -270,14 +265,9 @@ def by_kind(values, layout, kind):
 
 rec = [v for v, k in zip(r3[1:], ref[3]["layout"]) if k == "R"]
 rep.md(f"""
-## What the initialisation changed
-
-Every run first learns the token frequencies: its loss falls to the unigram
-entropy of the training tokens, **{stories['unigram']:.2f}** nats (the loss of a model that
-ignores the context), and stays near it until it learns to use the context.
-First held-out evaluation more than 0.25 below that line (evaluations every
-{CFG.eval_every} steps), for the four patterns at Wyrd's init and for the reference init
-with each of Wyrd's changes alone:
+Unigram entropy of the training tokens: **{stories['unigram']:.2f}** nats. First held-out evaluation
+more than 0.25 below it (evaluations every {CFG.eval_every} steps), for the four patterns at Wyrd's
+init and for the reference init with each of Wyrd's changes alone:
 """)
 rep.table(["run", "init", "layers", "first step clearly below the unigram entropy", "final held-out loss"],
           [[f"attention_every_n={n}", "wyrd", runs[n]["layout"], str(runs[n]["plateau_steps"] or f"not within {CFG.steps}"),
@@ -339,8 +329,6 @@ if args.tinystories:
     ts = {"3": run(3, "every 3rd (Wyrd)", real, tag="ts3"), "1": run(1, "all attention", real, tag="ts1"),
           "3ref": run(3, "every 3rd, reference init", real, "reference", tag="ts3ref")}
     rep.md(f"""
-## Real TinyStories text
-
 `{os.path.basename(args.tinystories)}`, its last 5% held out; the same model shape and budget
 ({tokens:,} tokens), a {real['tok'].vocab_size}-token BPE trained on the file
 ({real['bytes_per_token']:.2f} bytes/token held out); unigram entropy {real['unigram']:.2f} nats.

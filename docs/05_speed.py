@@ -19,30 +19,23 @@
 # machine runs this, so they move with the load of the machine.
 
 # %%
+import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
+
 import os
-import sys
+import time
+from dataclasses import replace
 
-# this folder: from __file__ as a script; as a notebook, the working folder (docs/ or the repo root)
-HERE = (os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else
-        next(d for d in (os.getcwd(), os.path.join(os.getcwd(), "docs")) if os.path.exists(os.path.join(d, "svg.py"))))
-sys.path[:0] = [HERE, os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "bench")]  # + the repo root, bench/
+import numba
+import numpy as np
 
-import time  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import autograd  # noqa: E402, F401  (before NumPy: it sets the BLAS/OpenMP thread policy)
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-
-import report  # noqa: E402
-import svg  # noqa: E402
-import wyrd  # noqa: E402
-import bench_kernels  # noqa: E402  (the benchmarks' own yardstick and timer)
-from bench_kernels import best_of  # noqa: E402
-from autograd import Tensor, no_grad  # noqa: E402
+import svg
+import wyrd
+import bench_kernels  # bench/: the benchmarks' own yardstick and timer
+from bench_kernels import best_of
+from autograd import Tensor, no_grad
 
 args = report.parse_args("Speed: kernel and model throughput, utilisation, decode cost against context length.")
-rep = report.Report(args, "05_speed", "Speed")
+rep = report.Report(args, "05_speed")
 quick = args.quick
 rng = np.random.default_rng(0)
 
@@ -63,8 +56,6 @@ matvec_gbps = bench_kernels.matvec_gbps(rows, 4096)
 blas_threads = os.environ.get("OPENBLAS_NUM_THREADS", "default")
 print(f"float32 matmul {matmul_gflops:.1f} GFLOP/s, matvec {matvec_gbps:.1f} GB/s on {os.cpu_count()} cores")
 rep.md(f"""
-## 1. The yardstick
-
 | measurement | rate |
 |---|---|
 | float32 matmul, {n} x {n} (NumPy/BLAS) | **{matmul_gflops:.1f} GFLOP/s** |
@@ -146,8 +137,6 @@ for T, (fb, f, dense, gf) in att.items():
           f"dense numpy fwd {dense * 1e3:.2f} ms")
 
 rep.md(f"""
-## 2. Kernels
-
 **RG-LRU scan** (`wyrd.rglru_scan`, B, T, d = {scan_shape}), forward + backward:
 {scan_t * 1e3:.2f} ms, **{scan_rate:.1f} GB/s** of the 8 arrays of B x T x d floats it reads and
 writes (the scan does one multiply-add per element: it is bound by memory, not
@@ -177,6 +166,9 @@ rep.record(scan_gbps=scan_rate,
 # median of a few steps. Utilisation counts 6 FLOPs per parameter per token,
 # with the tied embedding counted once (it is used as the output matmul): the
 # usual estimate, which leaves out attention's own score FLOPs (small at W = 128).
+# Utilisation = 6 x parameters x tokens/s / the matmul rate above: bigger
+# matrices keep BLAS busier, and the Numba kernels and elementwise ops (norms,
+# gates, softmax) weigh less.
 
 
 # %%
@@ -203,14 +195,6 @@ for name, config, B, T in models:
     print(f"{name}: {throughput[name][2]:,} params, B={B} T={T}: {throughput[name][3]:,.0f} tok/s, "
           f"utilisation {throughput[name][4]:.1%}")
 
-rep.md("""
-## 3. Training throughput and utilisation
-
-One training step (forward, loss, backward; no optimizer) on random tokens,
-median of a few steps. Utilisation = 6 x parameters x tokens/s / the matmul rate
-above: bigger matrices keep BLAS busier, and the Numba kernels and elementwise
-ops (norms, gates, softmax) weigh less.
-""")
 rep.table(["model", "parameters", "batch x length", "tokens/s", "utilisation of matmul rate"],
           [[name, p, f"{B} x {T}", tok_s, f"{util:.1%}"] for name, (B, T, p, tok_s, util) in throughput.items()])
 rep.figure("05_utilisation.svg", svg.bar_chart(
@@ -257,12 +241,9 @@ bound = matvec_gbps * 1e9 / weights_bytes
 flat = max(d[0] for d in decode.values()) / min(d[0] for d in decode.values())
 median_step = float(np.median([d[0] for d in decode.values()]))
 rep.md(f"""
-## 4. Decoding cost against context length
-
 The `{dec_name}` preset ({dec_model.num_params():,} parameters, window {dec_model.config.sliding_window}): median
-time of `model.step` for one new token after a context of each length, against
-recomputing the full forward pass over the context (what a model without
-decoding state would do per token), and the bytes of decoding state.
+time of `model.step` for one new token after each context, the full forward pass over the context,
+and the bytes of decoding state.
 """)
 rep.table(["context", "step (ms/token)", "tokens/s", "full forward over the context (ms)", "state bytes"],
           [[c, s * 1e3, 1 / s, f * 1e3, nb] for c, (s, f, nb) in decode.items()])

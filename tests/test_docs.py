@@ -30,7 +30,20 @@ def run_experiment(name, out):
         numbers = json.load(f)
     assert numbers["quick"] is True
     check_figures(md, out)
+    check_prose_once(name, md)
     return md, numbers
+
+
+def check_prose_once(name, md):
+    """The page is the script's markdown cells, each once and in order, with results between."""
+    sys.path.insert(0, DOCS)
+    import report
+    with open(os.path.join(DOCS, f"{name}.py"), encoding="utf-8") as f:
+        cells = [text.strip() for _, text in report.markdown_cells(f.read().splitlines())]
+    assert len(cells) >= 3
+    at = [md.find(cell) for cell in cells]
+    assert all(md.count(cell) == 1 for cell in cells), "a markdown cell is missing from the page or repeated"
+    assert at == sorted(at), "the page does not follow the notebook's order"
 
 
 def check_figures(md, folder):
@@ -46,7 +59,8 @@ def check_figures(md, folder):
 
 def test_01_autograd_tour(tmp_path):
     md, n = run_experiment("01_autograd_tour", tmp_path)
-    assert "```mermaid" in md and "## 4. Every operation the model uses" in md
+    assert "```mermaid" in md and "## 5. Every operation the model uses" in md
+    assert md.index("```mermaid") > md.index("## 2. The graph")  # the graph sits in its section
     assert n["graph_ops"] >= 8
     assert n["tour_max_rel_error"] < 1e-6
     assert len(n["op_checks"]) >= 20
@@ -87,6 +101,8 @@ def test_03_train_tiny(tmp_path):
     assert abs(n["loss_before"] - n["ln_vocab"]) < 0.3  # an untrained model guesses uniformly
     assert n["pretrain_val_loss"] < n["loss_before"] - 0.3
     assert n["finetune_val_loss"] < n["chat_loss_before"]
+    # the page says what the numbers say
+    assert f"| {n['reply_rate_after']:.0%} of 3 |" in md
 
 
 def test_04_recurrence_vs_attention(tmp_path):
@@ -101,6 +117,11 @@ def test_04_recurrence_vs_attention(tmp_path):
     assert {k: r["init"] for k, r in n["reference"].items()} == {"1": "reference", "3": "reference"}
     assert [a["layout"] for a in n["ablations"]] == ["RRA"] * 3
     assert "| attention_every_n |" in md
+    assert n["best"] == int(min(runs, key=lambda k: runs[k]["val"]))  # the lowest held-out loss at equal tokens
+    t = n["equal_time"]["seconds"]
+    assert t == min(c[-1][2] for c in n["curves"].values())            # the fastest run's whole run
+    for k, curve in n["curves"].items():                               # each read off its own curve at t
+        assert min(v for _, v, _ in curve) <= n["equal_time"][k] <= max(v for _, v, _ in curve)
 
 
 def test_05_speed(tmp_path):
@@ -195,3 +216,22 @@ def test_experiment_is_a_percent_notebook_with_committed_results(name):
         assert json.load(f)["quick"] is False, f"docs/results/{name} comes from a --quick run"
     with open(os.path.join(results, f"{name}.md"), encoding="utf-8") as f:
         check_figures(f.read(), results)
+
+
+def test_report_shows_results_inline_under_ipython(tmp_path, monkeypatch):
+    """Under IPython every table and figure is displayed as it is made (and still written)."""
+    import types
+    sys.path.insert(0, DOCS)
+    import report
+    shown = []
+    display = types.SimpleNamespace(display=shown.append, Markdown=lambda s: ("md", s), SVG=lambda s: ("svg", s))
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: object()))
+    monkeypatch.setitem(sys.modules, "IPython.display", display)
+    rep = report.Report(types.SimpleNamespace(out=str(tmp_path), quick=True), "01_autograd_tour")
+    rep.table(["a"], [[1.5]])
+    rep.figure("x.svg", "<svg/>", "a figure")
+    assert shown == [("md", "| a |\n|---|\n| 1.5 |\n"), ("svg", "<svg/>")]
+    assert (tmp_path / "x.svg").read_text() == "<svg/>"
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: None))  # plain Python
+    rep.md("text")
+    assert len(shown) == 2
