@@ -102,6 +102,7 @@ def test_03_train_tiny(tmp_path):
     assert n["pretrain_val_loss"] < n["loss_before"] - 0.3
     assert n["finetune_val_loss"] < n["chat_loss_before"]
     # the page says what the numbers say
+    assert f"| {n['names_per_story']:.2f} ({2} stories) | {n['facts']} of 52 |" in md
     assert f"| {n['reply_rate_after']:.0%} of 3 |" in md
 
 
