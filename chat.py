@@ -29,6 +29,7 @@ from runtime import atomic_write  # first: the thread policy must be in place wh
 
 import argparse
 import contextlib
+import dataclasses
 import http.cookies
 import json
 import os
@@ -275,58 +276,233 @@ class Repl:
 
 
 # ---------------------------------------------------------------------------
-# The web chat: one page, POST /api/chat streams the reply as JSON lines,
-# POST /api/reset starts over. Standard library only.
+# The web chat: one page (its HTML, style and script are the three strings below),
+# GET /api/settings gives the server's defaults, POST /api/chat streams a reply as
+# JSON lines, POST /api/reset starts over. Standard library only; the page runs
+# only its own script (CSP).
 
 MAX_BODY = 64 * 1024     # bytes of request body, else 413
 MAX_SESSIONS = 64        # conversations kept; the least recently used goes first
 COOKIE = "wyrd_session"
+WEB_SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "max_tokens": int}  # what the page may set
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 PAGE = """<!doctype html>
-<html lang="en"><meta charset="utf-8"><meta name="viewport" content="width=device-width">
-<title>Wyrd</title>
-<style>
-body { font: 16px/1.4 system-ui, sans-serif; max-width: 44em; margin: 2em auto; padding: 0 1em; }
-#log div { white-space: pre-wrap; margin: .7em 0; }
-.user { color: #555; } .user::before { content: "you: "; font-weight: bold; }
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Wyrd</title><link rel="stylesheet" href="/app.css"><script src="/app.js" defer></script></head>
+<body>
+<header><h1>Wyrd</h1><button type="button" id="new">New chat</button></header>
+<details id="panel"><summary>Settings</summary>
+<div class="grid">
+<label>Temperature <input id="temperature" type="number" min="0" step="0.1"></label>
+<label>Top-k <input id="top_k" type="number" min="0" step="1"></label>
+<label>Top-p <input id="top_p" type="number" min="0" max="1" step="0.05"></label>
+<label>Max tokens <input id="max_tokens" type="number" min="1" step="1"></label>
+</div>
+<label class="wide">System prompt (used from the next new chat)<textarea id="system" rows="2"></textarea></label>
+<div id="speech" class="grid">
+<label class="check"><input type="checkbox" id="aloud"> Read replies aloud</label>
+<label>Voice <select id="voice"></select></label>
+<label>Rate <input id="rate" type="number" min="0.5" max="2" step="0.1"></label>
+</div>
+<p id="nospeech" hidden>This browser has no speech synthesis, so replies cannot be read aloud.</p>
+</details>
+<main id="log" role="log" aria-live="polite"></main>
+<p id="status" role="status"></p>
+<form id="form">
+<textarea id="box" rows="2" aria-label="Message" placeholder="Say something (Enter sends, Shift+Enter: new line)" autofocus></textarea>
+<div class="buttons"><button id="send">Send</button><button type="button" id="stop" disabled>Stop</button></div>
+</form>
+</body></html>
+"""
+
+STYLE = """
+[hidden] { display: none !important; }
+body { font: 16px/1.45 system-ui, sans-serif; max-width: 46em; margin: 0 auto; padding: .5em 1em 1em; }
+header { display: flex; align-items: center; justify-content: space-between; }
+h1 { font-size: 1.4em; margin: .3em 0; }
+button, input, select, textarea { font: inherit; }
+button { padding: .35em .9em; }
+:focus-visible { outline: 3px solid #1a73e8; outline-offset: 2px; }
+details { margin: .3em 0 .8em; padding: .4em .7em; background: #f4f4f6; border-radius: 6px; }
+summary { cursor: pointer; }
+.grid { display: flex; flex-wrap: wrap; gap: .5em 1.2em; margin: .5em 0; }
+.grid label { display: flex; flex-direction: column; font-size: .9em; }
+.grid label.check { flex-direction: row; align-items: center; gap: .3em; }
+.grid input[type=number] { width: 6em; }
+label.wide { display: block; font-size: .9em; }
+label.wide textarea { display: block; width: 100%; box-sizing: border-box; }
+#log { min-height: 8em; }
+.msg { white-space: pre-wrap; overflow-wrap: anywhere; margin: .7em 0; }
+.user { color: #444; } .user::before { content: "you: "; font-weight: bold; }
 .bot::before { content: "wyrd: "; font-weight: bold; }
-form { display: flex; gap: .5em; } input { flex: 1; font: inherit; padding: .3em; }
-</style>
-<h1>Wyrd</h1>
-<div id="log"></div>
-<form id="form"><input id="box" autocomplete="off" autofocus placeholder="Say something">
-<button id="send">Send</button><button type="button" id="reset">Reset</button></form>
-<script>
-const log = document.getElementById("log"), box = document.getElementById("box"), send = document.getElementById("send");
-const post = (path, obj) => fetch(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(obj)});
+.stopped::after { content: " [stopped]"; color: #888; }
+#status { min-height: 1.2em; color: #555; margin: .3em 0; }
+#status.error { color: #b00020; }
+form { display: flex; gap: .5em; align-items: flex-end; }
+form textarea { flex: 1; box-sizing: border-box; resize: vertical; padding: .35em; }
+.buttons { display: flex; flex-direction: column; gap: .3em; }
+@media (max-width: 30em) { form { flex-direction: column; align-items: stretch; }
+  .buttons { flex-direction: row; } .buttons button { flex: 1; } }
+"""
+
+SCRIPT = r"""
+"use strict";
+const $ = (id) => document.getElementById(id);
+const log = $("log"), box = $("box"), send = $("send"), stop = $("stop"), statusLine = $("status");
+const SETTINGS = ["temperature", "top_k", "top_p", "max_tokens"];
+const synth = window.speechSynthesis;
+let streaming = null;                     // the AbortController of the reply being streamed
+
+const store = {                           // remembered in this browser: settings, system prompt, voice
+  get(key, fallback) {
+    try { const v = localStorage.getItem("wyrd." + key); return v === null ? fallback : JSON.parse(v); }
+    catch (e) { return fallback; }
+  },
+  set(key, value) { try { localStorage.setItem("wyrd." + key, JSON.stringify(value)); } catch (e) {} },
+};
+
+function say(text, error) { statusLine.textContent = text; statusLine.className = error ? "error" : ""; }
+
 function add(cls, text) {
   const div = document.createElement("div");
-  div.className = cls; div.textContent = text; log.append(div); return div;
+  div.className = "msg " + cls;
+  div.textContent = text;                 // text, never HTML
+  log.append(div);
+  div.scrollIntoView({block: "end"});
+  return div;
 }
-document.getElementById("form").onsubmit = async (e) => {
-  e.preventDefault();
-  const text = box.value;
-  if (!text.trim()) return;
-  box.value = ""; send.disabled = true;
-  add("user", text);
-  const bot = add("bot", "");
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+async function post(path, body, signal) {
+  // 409: the server is still closing a reply that was just stopped; it frees up within moments
+  for (let attempt = 0; ; attempt++) {
+    const r = await fetch(path, {method: "POST", headers: {"Content-Type": "application/json"},
+                                 body: JSON.stringify(body), signal});
+    if (r.status !== 409 || attempt >= 20) return r;
+    await sleep(150);
+  }
+}
+
+const GONE = "Cannot reach the server: is `python chat.py --serve` still running?";
+
+function settings() {
+  const out = {};
+  for (const name of SETTINGS) {
+    const v = $(name).value.trim();
+    if (v !== "") out[name] = Number(v);  // not a number -> null: the server says which setting
+  }
+  return out;
+}
+
+async function ask(text) {
+  say("");
+  const user = add("user", text), bot = add("bot", "");
+  const controller = new AbortController();
+  streaming = controller; send.disabled = true; stop.disabled = false;
+  let finished = false;
   try {
-    const r = await post("/api/chat", {message: text});
-    if (!r.ok) { bot.textContent = "[" + r.status + ": " + await r.text() + "]"; return; }
-    const reader = r.body.getReader(), utf8 = new TextDecoder();
-    let buf = "";
+    const r = await post("/api/chat", {message: text, settings: settings()}, controller.signal);
+    if (!r.ok) {                          // nothing was said: give the text back
+      user.remove(); bot.remove(); box.value = text;
+      say(r.status === 409 ? "Wyrd is busy with another reply in this chat; try again in a moment."
+                           : "The server says: " + await r.text(), true);
+      return;
+    }
+    const reader = r.body.getReader(), utf8 = new TextDecoder(), shown = document.createTextNode("");
+    bot.append(shown);
+    let buffer = "";
     for (;;) {
       const {value, done} = await reader.read();
       if (done) break;
-      buf += utf8.decode(value, {stream: true});
-      const lines = buf.split("\\n"); buf = lines.pop();
-      for (const line of lines) { const m = JSON.parse(line); if (m.text) bot.textContent += m.text; }
+      buffer += utf8.decode(value, {stream: true});
+      const lines = buffer.split("\n");
+      buffer = lines.pop();
+      let text = "";                      // one update per chunk read, however many pieces it holds
+      for (const line of lines) {
+        const m = JSON.parse(line);
+        if (m.text) text += m.text;
+        if (m.done) finished = true;
+      }
+      if (text) { shown.appendData(text); bot.scrollIntoView({block: "end"}); }
     }
-  } finally { send.disabled = false; box.focus(); }
-};
-document.getElementById("reset").onclick = async () => { await post("/api/reset", {}); log.textContent = ""; };
-</script>
-</html>
+    if (finished) speak(bot.textContent);
+    else say("The reply was cut off: the server stopped or went away.", true);
+  } catch (e) {
+    if (e.name === "AbortError") bot.classList.add("stopped");
+    else say(GONE, true);
+  } finally {
+    streaming = null; send.disabled = false; stop.disabled = true; box.focus();
+  }
+}
+
+async function newChat() {
+  if (streaming) streaming.abort();
+  if (synth) synth.cancel();
+  try {
+    const r = await post("/api/reset", {system: $("system").value});
+    if (!r.ok) { say("The server says: " + await r.text(), true); return; }
+    log.textContent = "";
+    say("");
+  } catch (e) { say(GONE, true); }
+  box.focus();
+}
+
+function speak(text) {
+  if (!synth || !$("aloud").checked || !text.trim()) return;
+  const utterance = new SpeechSynthesisUtterance(text);
+  const voice = synth.getVoices().find((v) => v.name === $("voice").value);
+  if (voice) utterance.voice = voice;
+  utterance.rate = Number($("rate").value) || 1;
+  synth.speak(utterance);
+}
+
+function listVoices() {
+  const select = $("voice"), voices = synth.getVoices();
+  select.textContent = "";
+  select.append(new Option(voices.length ? "default" : "default (the browser lists no voices)", ""));
+  for (const v of voices) select.append(new Option(v.name + " (" + v.lang + ")", v.name));
+  select.value = store.get("voice", "");
+  if (select.value !== store.get("voice", "")) select.value = "";
+}
+
+$("form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = box.value;
+  if (!text.trim() || streaming) return;
+  box.value = "";
+  ask(text);
+});
+box.addEventListener("keydown", (e) => {  // Enter sends, Shift+Enter is a new line
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); $("form").requestSubmit(); }
+});
+stop.addEventListener("click", () => { if (streaming) streaming.abort(); });
+$("new").addEventListener("click", newChat);
+
+async function start() {
+  let defaults = {};
+  try { defaults = await (await fetch("/api/settings")).json(); } catch (e) { say(GONE, true); }
+  for (const name of [...SETTINGS, "system"]) {
+    $(name).value = store.get(name, defaults[name] ?? "");
+    $(name).addEventListener("change", () => store.set(name, $(name).value));
+  }
+  $("rate").value = store.get("rate", 1);
+  $("rate").addEventListener("change", () => store.set("rate", $("rate").value));
+  $("aloud").checked = store.get("aloud", false);
+  $("aloud").addEventListener("change", () => store.set("aloud", $("aloud").checked));
+  if (synth) {
+    listVoices();
+    synth.addEventListener("voiceschanged", listVoices);
+    $("voice").addEventListener("change", () => store.set("voice", $("voice").value));
+  } else {
+    $("speech").hidden = true;
+    $("nospeech").hidden = false;
+  }
+  await newChat();                          // a page starts a new conversation, with its system prompt
+}
+start();
 """
 
 
@@ -383,6 +559,22 @@ class ChatServer(ThreadingHTTPServer):
             return sid, self.sessions[sid]
 
 
+def web_settings(base, given):
+    """The server's settings with the page's changes, checked as the command line checks
+    them; raises ValueError with the message for a 400."""
+    if not isinstance(given, dict):
+        raise ValueError("settings must be a JSON object")
+    changes = {}
+    for name, value in given.items():
+        kind = WEB_SETTINGS.get(name)
+        if kind is None:
+            raise ValueError(f"unknown setting {name!r}; known: {', '.join(WEB_SETTINGS)}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {json.dumps(value)}")
+        changes[name] = kind(value)
+    return dataclasses.replace(base, **changes)  # Settings checks the ranges
+
+
 class ChatHandler(BaseHTTPRequestHandler):
     server_version = "Wyrd"
     timeout = 60  # seconds a client may take to send its request
@@ -400,9 +592,16 @@ class ChatHandler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.host_refused():
             return
-        if self.path.split("?")[0] != "/":
+        path = self.path.split("?")[0]
+        if path == "/api/settings":
+            s = self.server.settings
+            defaults = {name: getattr(s, name) for name in WEB_SETTINGS} | {"system": self.server.system}
+            return self.reply(200, "application/json", json.dumps(defaults).encode())
+        files = {"/": ("text/html", PAGE), "/app.css": ("text/css", STYLE), "/app.js": ("text/javascript", SCRIPT)}
+        if path not in files:
             return self.reply(404, "text/plain", b"not found")
-        self.reply(200, "text/html; charset=utf-8", PAGE.encode("utf-8"))
+        kind, text = files[path]
+        self.reply(200, kind + "; charset=utf-8", text.encode("utf-8"))
 
     def do_POST(self):
         if self.host_refused():
@@ -412,9 +611,15 @@ class ChatHandler(BaseHTTPRequestHandler):
         body = self.read_json()
         if body is None:
             return
-        message = body.get("message")
+        message, system = body.get("message"), body.get("system")
         if self.path == "/api/chat" and not (isinstance(message, str) and message.strip()):
             return self.reply(400, "text/plain", b'expected JSON {"message": "some text"}')
+        if system is not None and not isinstance(system, str):
+            return self.reply(400, "text/plain", b"system must be a string")
+        try:
+            settings = web_settings(self.server.settings, body.get("settings", {}))
+        except ValueError as e:
+            return self.reply(400, "text/plain", str(e).encode())
         try:
             cookie = http.cookies.SimpleCookie(self.headers.get("Cookie", ""))
         except http.cookies.CookieError:
@@ -424,19 +629,19 @@ class ChatHandler(BaseHTTPRequestHandler):
             return self.reply(409, "text/plain", b"a reply is still being written in this conversation", sid)
         try:
             if self.path == "/api/reset":
-                session.conv.reset()
+                session.conv.reset(system)
                 return self.reply(200, "application/json", b'{"ok": true}', sid)
             self.send_response(200)
             self.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
             self.send_common_headers(sid)
             self.end_headers()          # HTTP/1.0: the body ends when the connection closes
-            pieces = session.conv.turn(message, self.server.settings, session.rng)
+            pieces = session.conv.turn(message, settings, session.rng)
             try:
                 for piece in pieces:
                     self.wfile.write((json.dumps({"text": piece}) + "\n").encode("utf-8"))
                 self.wfile.write(b'{"done": true}\n')
             except (BrokenPipeError, ConnectionResetError):
-                pass                    # the reader left: the reply ends here
+                pass                    # the reader left (Stop, or gone): the reply ends here
             finally:
                 pieces.close()
         finally:
@@ -474,6 +679,7 @@ class ChatHandler(BaseHTTPRequestHandler):
 
     def send_common_headers(self, sid=None):
         self.send_header("Cache-Control", "no-store")
+        self.send_header("Content-Security-Policy", CSP)
         self.send_header("X-Content-Type-Options", "nosniff")
         if sid is not None:
             self.send_header("Set-Cookie", f"{COOKIE}={sid}; Path=/; HttpOnly; SameSite=Strict")
@@ -517,7 +723,7 @@ def load_checkpoint(path):
     if not os.path.exists(path):
         if path == DEFAULT_CHECKPOINT:
             raise SystemExit(f"no checkpoint at {path}: make one with `python train.py` "
-                             "(about 8 minutes on 2 cores), or pass --checkpoint PATH")
+                             "(about 11 minutes on 2 cores), or pass --checkpoint PATH")
         raise SystemExit(f"no checkpoint at {path}")
     try:
         model, tok, _ = wyrd.load(path)

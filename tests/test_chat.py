@@ -462,7 +462,7 @@ def ask(srv, text, cookie=None):
 
 def test_web_page_and_streamed_replies_per_session(server, tok):
     conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
-    conn.request("GET", "/")
+    conn.request("GET", "/app.js")
     r = conn.getresponse()
     assert r.status == 200 and b"/api/chat" in r.read()
     conn.close()
@@ -520,6 +520,15 @@ def test_web_rejects_bad_requests(server):
     assert post(server, "/api/chat", b"{not json")[0] == 400
     assert post(server, "/api/chat", b"[" * 10_000 + b"]" * 10_000)[0] == 400     # nested too deeply
     assert post(server, "/api/chat", {"text": "hi"})[0] == 400
+    # the page's settings are checked as the command line checks them
+    for settings, says in [({"temperature": "hot"}, b'temperature must be a number, got "hot"'),
+                           ({"top_k": 2.5}, b"top_k must be an integer, got 2.5"),
+                           ({"top_p": 0}, b"top_p must be in (0, 1] (1 = off), got 0.0"),
+                           ({"max_tokens": 0}, b"max_tokens must be an integer in [1, 1048576], got 0"),
+                           ({"seed": 1}, b"unknown setting 'seed'"), ([1], b"settings must be a JSON object")]:
+        status, body, _ = post(server, "/api/chat", {"message": "hi", "settings": settings})
+        assert status == 400 and body.startswith(says), body
+    assert post(server, "/api/reset", {"system": 5})[:2] == (400, b"system must be a string")
     assert post(server, "/api/nothing", {})[0] == 404
     _, cookie = ask(server, "Hello")
     session = server.sessions[cookie.split("=")[1]]
