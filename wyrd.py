@@ -100,7 +100,7 @@ class ChimeraConfig:
 
 PRESETS = {
     # ours, for CPUs: nano for tests and quick runs; micro for the default training run
-    # (on the built-in corpus half tiny's width learns to copy names in half the time:
+    # (on the built-in corpus half tiny's width learns to copy names in 40% of the time:
     # docs/architecture.md); tiny for real TinyStories text
     "nano": ChimeraConfig(vocab_size=512, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2,
                           sliding_window=16, max_seq_len=128),

@@ -47,7 +47,7 @@ FT = replace(train.FINETUNE, steps=8 if quick else train.FINETUNE.steps, seq_len
              warmup=2 if quick else train.FINETUNE.warmup, eval_every=4 if quick else 100,
              eval_batches=2 if quick else 8, ckpt_every=10 ** 9, log_every=4 if quick else 100)
 N_SAMPLES, MAX_NEW = (2, 24) if quick else (corpus.STORY_SAMPLES, 300)
-N_CHATS, CHAT_NEW = (3, 16) if quick else (20, 120)
+N_CHATS, CHAT_NEW = (3, 16) if quick else (50, 200)  # the default run's reply check
 work = tempfile.mkdtemp(prefix="wyrd-train-tiny-")
 
 # %% [markdown]
