@@ -1,10 +1,11 @@
 """Model benchmark: training-step throughput and utilisation, and decode speed.
 
     python bench/bench_model.py                 # medium decode, tiny B=8 T=256, medium B=1 T=256
-    python bench/bench_model.py --only tiny     # one part: tiny | medium | decode
+    python bench/bench_model.py --only tiny     # one part: tiny | medium | decode | load
 
 utilisation = 6 x parameters x tokens/s / (float32 matmul FLOP/s measured in the same run)
 decode bound = matrix-vector GB/s / bytes of weights read per token
+load memory = peak resident size added by wyrd.load of a medium checkpoint / the file's size
 
 Decoding is measured in a process of its own under chat.py's thread policy
 (runtime.py), as the REPL runs it.
@@ -79,12 +80,38 @@ def decode_rate(preset, contexts, new_tokens):
               f"({rate / bound * 100:5.1f}% of the {bound:.2f} tok/s bandwidth bound), state {nbytes / 1e6:.1f} MB")
 
 
+def load_memory(path):
+    """Peak resident bytes added by loading a checkpoint, in this (fresh) process."""
+    import wyrd
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    wyrd.load(path)
+    took = time.perf_counter() - t
+    added = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    size = os.path.getsize(path)
+    print(f"load medium: {size / 1e9:.2f} GB file in {took:.1f} s, peak RSS added {added / 1e9:.2f} GB "
+          f"= {added / size:.2f}x the file")
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tiny", "medium", "decode"], default=None)
+    ap.add_argument("--only", choices=["tiny", "medium", "decode", "load"], default=None)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--decode-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--load-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.load_child:
+        load_memory(args.load_child)
+        sys.exit()
+    if args.only in (None, "load"):  # a medium checkpoint, loaded by a process of its own
+        import tempfile
+        import wyrd
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "medium.safetensors")
+            wyrd.save(path, Chimera(get_config("medium")))
+            subprocess.run([sys.executable, __file__, "--load-child", path], check=True)
+    if args.only == "load":
+        sys.exit()
     if args.decode_child:
         decode_rate("medium", [64, 4096], 64)
         sys.exit()
