@@ -432,7 +432,10 @@ async function ask(text) {
     else say("The reply was cut off: the server stopped or went away.", true);
   } catch (e) {
     if (e.name === "AbortError") bot.classList.add("stopped");
-    else say(GONE, true);
+    else {
+      say(GONE, true);
+      if (!bot.textContent) { user.remove(); bot.remove(); box.value = text; }  // nothing was said
+    }
   } finally {
     streaming = null; send.disabled = false; stop.disabled = true; box.focus();
   }

@@ -227,6 +227,8 @@ def test_phone_width_keyboard_and_a_server_that_is_gone(browser, server, tok):
     gone.server_close()
     send(browser, "Anyone there?")
     wait(browser, lambda: "Cannot reach the server" in el(browser, "status").text)
+    assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []      # nothing was said
+    assert el(browser, "box").get_attribute("value") == "Anyone there?"
 
 
 def test_the_page_runs_only_its_own_script():
