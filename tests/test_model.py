@@ -182,5 +182,5 @@ def test_bad_inputs_are_clear_errors():
         m(np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match="targets shape"):
         m.loss(np.zeros((1, 4), int), np.zeros((1, 3), int))
-    with pytest.raises(ValueError, match="known presets: nano, tiny, small, medium"):
+    with pytest.raises(ValueError, match="known presets: nano, micro, tiny, small, medium"):
         Chimera("huge")
