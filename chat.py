@@ -340,7 +340,8 @@ label.wide textarea { display: block; width: 100%; box-sizing: border-box; }
 .stopped::after { content: " [stopped]"; color: #888; }
 #status { min-height: 1.2em; color: #555; margin: .3em 0; }
 #status.error { color: #b00020; }
-form { display: flex; gap: .5em; align-items: flex-end; }
+form { display: flex; gap: .5em; align-items: flex-end; position: sticky; bottom: 0; background: #fff;
+  padding: .5em 0; }  /* Send and Stop stay in view while a long reply streams */
 form textarea { flex: 1; box-sizing: border-box; resize: vertical; padding: .35em; }
 .buttons { display: flex; flex-direction: column; gap: .3em; }
 @media (max-width: 30em) { form { flex-direction: column; align-items: stretch; }
