@@ -777,16 +777,29 @@ DTYPE_NAMES = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): 
 MAX_HEADER = 100 * 1024 * 1024
 
 
-def write_safetensors(path, tensors, metadata=None):
-    """Write name -> array as a safetensors file (atomically: runtime.atomic_write)."""
+def bf16_bits(x):
+    """float -> bfloat16 bit patterns (uint16): the top half of the float32, rounded to
+    nearest with ties to even (add 0x7FFF plus the lowest kept bit, then truncate); NaN
+    stays a (quiet) NaN instead of rounding into the exponent."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(bits.view(np.float32)), ((bits >> 16) | 0x40).astype(np.uint16), rounded)
+
+
+def write_safetensors(path, tensors, metadata=None, bf16=False):
+    """Write name -> array as a safetensors file (atomically: runtime.atomic_write);
+    bf16=True stores every float tensor as BF16, half the bytes of float32."""
     header, offset = {}, 0
     arrays = {}
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr)
         arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-        if arr.dtype not in DTYPE_NAMES:
+        label = "BF16" if bf16 and arr.dtype.kind == "f" else DTYPE_NAMES.get(arr.dtype)
+        if label is None:
             raise CheckpointError(f"{path}: cannot store {name} of dtype {arr.dtype}")
-        header[name] = {"dtype": DTYPE_NAMES[arr.dtype], "shape": list(arr.shape),
+        if label == "BF16":
+            arr = bf16_bits(arr)
+        header[name] = {"dtype": label, "shape": list(arr.shape),
                         "data_offsets": [offset, offset + arr.nbytes]}
         arrays[name] = arr
         offset += arr.nbytes
@@ -864,15 +877,18 @@ def read_safetensors(path, data=True):
     return tensors, metadata
 
 
-def save(path, model, tokenizer=None, **meta):
+def save(path, model, tokenizer=None, dtype="f32", **meta):
     """One self-describing file: the weights under the spec's names (a tied lm_head
-    is not stored), the config and the tokenizer as JSON strings in __metadata__."""
+    is not stored), the config and the tokenizer as JSON strings in __metadata__.
+    dtype="bf16" halves the file (standard BF16 tensors; `load` gives float32 back)."""
+    if dtype not in ("f32", "bf16"):
+        raise ValueError(f"dtype must be 'f32' or 'bf16', got {dtype!r}")
     metadata = {"format": "wyrd", "config": json.dumps(model.config.to_dict())}
     if tokenizer is not None:
         metadata["tokenizer"] = tokenizer.to_json()
     if meta:
         metadata["meta"] = json.dumps(meta)
-    write_safetensors(path, model.state_dict(), metadata)
+    write_safetensors(path, model.state_dict(), metadata, bf16=dtype == "bf16")
 
 
 def _config_of(path, metadata):

@@ -666,3 +666,64 @@ def test_parameter_count_formula_matches_the_code():
     untied = ChimeraConfig(**dict(nano.to_dict(), tie_word_embeddings=False, n_layers=4))
     assert Chimera(untied).num_params() == count_params(untied) == count_params(nano) + 64 * 2 + 3 * 64 * 256 \
         + 4 * 64 * 64 + 5 * 64 + 512 * 64
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(["Once upon a time there was a cat.", "user\nHi!"] * 4, 300)
+
+
+def bf16_nearest_even(x):
+    """The bfloat16 nearest to each float32, ties to the even mantissa, chosen by comparing
+    distances in float64 (independent of wyrd.bf16_bits' add-and-truncate) -> uint16 bits."""
+    bits = np.asarray(x, np.float32).view(np.uint32)
+    down = bits & np.uint32(0xFFFF0000)                  # toward zero
+    up = down + np.uint32(0x10000)                       # the next bfloat16 away from zero
+    x64 = bits.view(np.float32).astype(np.float64)
+    d_down = np.abs(x64 - down.view(np.float32).astype(np.float64))
+    d_up = np.abs(up.view(np.float32).astype(np.float64) - x64)
+    take_up = (d_up < d_down) | ((d_up == d_down) & ((down >> 16) & 1 == 1))
+    return np.where(take_up, up >> 16, down >> 16).astype(np.uint16)
+
+
+def test_bf16_rounding_is_nearest_even():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.standard_normal(5000) * 10.0 ** rng.integers(-30, 30, 5000),
+                             rng.standard_normal(1000) * 0.02]).astype(np.float32)
+    ties = ((rng.integers(0, 0x7F00, 2000).astype(np.uint32) << 16) | 0x8000).view(np.float32)  # exactly halfway
+    ties = np.concatenate([ties, -ties])
+    for x in (values, ties):
+        assert np.array_equal(wyrd.bf16_bits(x), bf16_nearest_even(x))
+    assert (((wyrd.bf16_bits(ties[:2000]) & 1) == 0)).all()               # halfway goes to even
+    back = (wyrd.bf16_bits(np.array([np.nan, -np.nan, np.inf, -np.inf], np.float32)).astype(np.uint32) << 16)
+    back = back.view(np.float32)
+    assert np.isnan(back[:2]).all() and list(back[2:]) == [np.inf, -np.inf]
+
+
+def test_save_bf16_halves_the_file_and_loads_as_float32(nano, tok, tmp_path):
+    f32, bf16 = tmp_path / "f32.safetensors", tmp_path / "bf16.safetensors"
+    wyrd.save(str(f32), nano, tok)
+    wyrd.save(str(bf16), nano, tok, dtype="bf16")
+    header, data, _ = parse(bf16.read_bytes())
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+    weights = sum(p.size for p in nano.parameters())
+    assert len(parse(f32.read_bytes())[1]) == 4 * weights and len(data) == 2 * weights
+    model, tok2, _ = wyrd.load(str(bf16))
+    assert tok2.to_json() == tok.to_json()
+    for name, p in model.named_parameters():
+        expected = (bf16_nearest_even(nano.state_dict()[name]).astype(np.uint32) << 16).view(np.float32)
+        assert p.dtype == np.float32 and np.array_equal(p.data, expected), name
+    with pytest.raises(ValueError, match="dtype must be 'f32' or 'bf16'"):
+        wyrd.save(str(tmp_path / "x.safetensors"), nano, tok, dtype="f16")
+
+
+def test_a_bf16_file_opens_in_safetensors(nano, tok, tmp_path):
+    safetensors = pytest.importorskip("safetensors")  # only this cross-check needs it
+    path = tmp_path / "bf16.safetensors"
+    wyrd.save(str(path), nano, tok, dtype="bf16")
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        assert set(f.keys()) == set(nano.state_dict())
+        for name, arr in nano.state_dict().items():
+            s = f.get_slice(name)
+            assert s.get_dtype() == "BF16" and list(s.get_shape()) == list(arr.shape), name
+        assert json.loads(f.metadata()["config"]) == nano.config.to_dict()
