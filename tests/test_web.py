@@ -1,7 +1,6 @@
 """The web chat in a real browser: headless Chromium driven by selenium against
 chat.py's server on 127.0.0.1, with a nano model built here. Chromium and its
 driver are Debian packages (.ci/run installs them); without them this fails."""
-import dataclasses
 import http.client
 import json
 import os
@@ -20,23 +19,10 @@ import pytest  # noqa: E402
 
 import chat  # noqa: E402
 import sampling  # noqa: E402
-import wyrd  # noqa: E402
+from test_chat import TEXTS, babbler  # noqa: E402  (the nano model that never ends a reply)
 from tokenizer import Tokenizer  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-TEXTS = ["Once upon a time there was a little dog named Tim. Tim liked to play with a red ball.",
-         "user\nHello! Can you tell me a story?", "assistant\nHi! How can I help you today?",
-         "system\nYou are Wyrd, a helpful AI assistant."] * 4
-
-
-def babbler(tok):
-    """A nano model that never says <|im_end|>: replies run to max_tokens (see test_chat.py)."""
-    model = wyrd.Chimera(dataclasses.replace(wyrd.get_config("nano"), vocab_size=tok.vocab_size), seed=0,
-                         init="reference")
-    model.embed_tokens.weight.data[:, 0] = 2.0
-    model.embed_tokens.weight.data[[tok.im_end_id, tok.eot_id], 0] = -2.0
-    return model
 
 
 @pytest.fixture(scope="module")
