@@ -319,7 +319,9 @@ PAGE = """<!doctype html>
 
 STYLE = """
 [hidden] { display: none !important; }
-body { font: 16px/1.45 system-ui, sans-serif; max-width: 46em; margin: 0 auto; padding: .5em 1em 1em; }
+body { font: 16px/1.45 system-ui, sans-serif; max-width: 46em; margin: 0 auto; padding: .5em 1em 1em;
+  box-sizing: border-box; height: 100vh; height: 100dvh; display: flex; flex-direction: column; }
+/* the conversation scrolls in its own box, so the form and its buttons never move while a reply streams */
 header { display: flex; align-items: center; justify-content: space-between; }
 h1 { font-size: 1.4em; margin: .3em 0; }
 button, input, select, textarea { font: inherit; }
@@ -333,15 +335,14 @@ summary { cursor: pointer; }
 .grid input[type=number] { width: 6em; }
 label.wide { display: block; font-size: .9em; }
 label.wide textarea { display: block; width: 100%; box-sizing: border-box; }
-#log { min-height: 8em; }
+#log { flex: 1; min-height: 6em; overflow-y: auto; }
 .msg { white-space: pre-wrap; overflow-wrap: anywhere; margin: .7em 0; }
 .user { color: #444; } .user::before { content: "you: "; font-weight: bold; }
 .bot::before { content: "wyrd: "; font-weight: bold; }
 .stopped::after { content: " [stopped]"; color: #888; }
 #status { min-height: 1.2em; color: #555; margin: .3em 0; }
 #status.error { color: #b00020; }
-form { display: flex; gap: .5em; align-items: flex-end; position: sticky; bottom: 0; background: #fff;
-  padding: .5em 0; }  /* Send and Stop stay in view while a long reply streams */
+form { display: flex; gap: .5em; align-items: flex-end; }
 form textarea { flex: 1; box-sizing: border-box; resize: vertical; padding: .35em; }
 .buttons { display: flex; flex-direction: column; gap: .3em; }
 @media (max-width: 30em) { form { flex-direction: column; align-items: stretch; }
