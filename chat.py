@@ -6,6 +6,7 @@
     python chat.py --raw --prompt "Once upon a time"  # continue plain text, no chat template
     printf 'Hi\\nTell me a story\\n' | python chat.py  # each stdin line is one user turn
     python chat.py --serve [--host 127.0.0.1] [--port 5000]   # web chat in the browser
+    python chat.py --quantize int8 ...              # any of these with int8 weights
 
 Read top to bottom: the conversation, the REPL, the web server, the command
 line. The sampler and `generate` are model-side code, in sampling.py.
@@ -723,7 +724,7 @@ def serve(model, tok, settings, system, host, port):
 # The command line
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, quantize=None):
     """-> (model, tok), or raise SystemExit with one line a user can act on."""
     if not os.path.exists(path):
         if path == DEFAULT_CHECKPOINT:
@@ -731,7 +732,7 @@ def load_checkpoint(path):
                              "(about 11 minutes on 2 cores), or pass --checkpoint PATH")
         raise SystemExit(f"no checkpoint at {path}")
     try:
-        model, tok, _ = wyrd.load(path)
+        model, tok, _ = wyrd.load(path, quantize=quantize)
     except ValueError as e:  # CheckpointError, TokenizerError
         raise SystemExit(f"error: {e}") from None
     if tok is None:
@@ -761,6 +762,8 @@ def parse_args(argv=None):
                    help=f"recent context tokens the penalty applies to (default: {d.penalty_window})")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help=f"per reply (default: {d.max_tokens})")
     p.add_argument("--seed", type=int, default=None, help="for reproducible replies (default: random)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights: ~3x faster replies from a large model "
+                   "in under half the memory, for a loss ~0.01 nats/token higher (README)")
     p.add_argument("--serve", action="store_true", help="run the local web chat instead of the REPL")
     p.add_argument("--host", default="127.0.0.1", help="web chat address; requests naming another host are "
                    "refused, unless it is 0.0.0.0 (default: 127.0.0.1, this machine only)")
@@ -781,9 +784,10 @@ def main(argv=None):
             f.reconfigure(errors="replace")
     interactive = sys.stdin.isatty() and args.prompt is None
     try:
-        model, tok = load_checkpoint(args.checkpoint)
+        model, tok = load_checkpoint(args.checkpoint, args.quantize)
         if interactive or args.serve:
-            print(f"Wyrd: {args.checkpoint} ({model.num_params() / 1e6:.1f}M parameters, "
+            print(f"Wyrd: {args.checkpoint} ({model.num_params() / 1e6:.1f}M parameters"
+                  f"{', ' + model.quantized if model.quantized else ''}, "
                   f"vocabulary {tok.vocab_size})", file=sys.stderr, flush=True)
         if args.serve:
             serve(model, tok, args.settings, args.system, args.host, args.port)

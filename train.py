@@ -209,6 +209,9 @@ def train_step(model, opt, rows, cfg, step):
 def train(model, tok, rows, val_rows, cfg, out, phase, data_key, meta=None, resume=False, fresh_log=True):
     """Run optimizer steps up to cfg.steps, checkpointing every cfg.ckpt_every steps, at
     the end and on Ctrl-C (the step in progress is finished first). -> summary dict."""
+    if model.quantized:
+        raise ValueError(f"{phase}: this model has {model.quantized} weights, for inference only; "
+                         "train from the float checkpoint (wyrd.load without quantize)")
     opt = AdamW(model.named_parameters(), weight_decay=cfg.weight_decay)
     step = load_train_state(out, opt, phase, data_key) if resume else 0
     _trim_log(log_path_of(out), phase, step, keep_other_phases=resume or not fresh_log)

@@ -3,6 +3,7 @@ conversation and after 2,000 tokens of history (O(1) decoding state: they should
 
     python bench/bench_chat.py                         # out/wyrd.safetensors (if present) and medium
     python bench/bench_chat.py --checkpoint PATH --presets tiny medium --history 2000
+    python bench/bench_chat.py --quantize int8         # the same with int8 weights
 
 Each measurement times one user turn the way chat.py runs it: the turn's chunk
 (`<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`) goes through
@@ -70,17 +71,21 @@ def main():
     ap.add_argument("--history", type=int, default=2000)
     ap.add_argument("--new", type=int, default=64, help="tokens sampled per turn (default: 64)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--quantize", choices=["int8"], help="int8 weights, as chat.py --quantize runs them")
     args = ap.parse_args()
     print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the start")
+    kind = f", {args.quantize}" if args.quantize else ""
     if os.path.exists(args.checkpoint):
-        model, tok, _ = wyrd.load(args.checkpoint)
-        bench(f"{os.path.basename(args.checkpoint)} ({model.num_params() / 1e6:.1f}M)", model, tok,
+        model, tok, _ = wyrd.load(args.checkpoint, quantize=args.quantize)
+        bench(f"{os.path.basename(args.checkpoint)} ({model.num_params() / 1e6:.1f}M{kind})", model, tok,
               args.history, args.new, args.repeats)
     else:
         print(f"no checkpoint at {args.checkpoint}: skipped (add its preset to --presets instead)")
     for preset in args.presets:
         model = wyrd.Chimera(preset)
-        bench(f"{preset} random ({model.num_params() / 1e6:.1f}M)", model, None, args.history,
+        if args.quantize:
+            model = wyrd.quantize(model)
+        bench(f"{preset} random ({model.num_params() / 1e6:.1f}M{kind})", model, None, args.history,
               args.new if preset in ("nano", "tiny") else min(args.new, 32), args.repeats)
 
 

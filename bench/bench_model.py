@@ -1,16 +1,22 @@
-"""Model benchmark: training-step throughput and utilisation, and decode speed.
+"""Model benchmark: training-step throughput and utilisation, decode speed in float32
+and int8, and memory.
 
-    python bench/bench_model.py                 # medium decode, tiny B=8 T=256, medium B=1 T=256
-    python bench/bench_model.py --only tiny     # one part: tiny | medium | decode | load
+    python bench/bench_model.py                 # all of the parts below
+    python bench/bench_model.py --only decode   # one part: tiny | medium | decode | load | chat
 
 utilisation = 6 x parameters x tokens/s / (float32 matmul FLOP/s measured in the same run)
-decode bound = matrix-vector GB/s / bytes of weights read per token
+decode bound = matrix-vector GB/s / bytes of weights read per token (float32: 4 per
+    weight; int8: 1 per weight + a float32 scale per 64 + the float32 norms and vectors)
 load memory = peak resident size added by wyrd.load of a medium checkpoint / the file's size
+chat memory = peak resident size of a `chat.py --prompt` process on a medium checkpoint
 
-Decoding is measured in a process of its own under chat.py's thread policy
-(runtime.py), as the REPL runs it.
+Decoding is measured in processes of their own under chat.py's thread policy
+(runtime.py: int8 decoding's differs), float32 and int8 alternating.
+Each memory figure comes from a fresh process (/proc VmHWM, or wait4 for chat.py)
+started by this small parent, never by a process that has held a medium model.
 """
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -20,9 +26,11 @@ import time
 # The environment as given, before runtime.py fills in training's thread policy: the
 # decode child gets chat.py's policy instead.
 GIVEN_ENV = dict(os.environ)
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 import runtime  # noqa: E402
 from bench_kernels import matmul_gflops, matvec_gbps  # noqa: E402
+import wyrd  # noqa: E402
 from wyrd import Chimera, get_config  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -49,13 +57,26 @@ def train_step_rate(preset, B, T, steps, peak):
           f"{tok_s:8.0f} tok/s  utilisation {util * 100:5.1f}%  peak RSS {rss:.2f} GB")
 
 
-def decode_rate(preset, contexts, new_tokens):
-    model = Chimera(get_config(preset))
-    n = model.num_params()
+def weight_bytes(model):
+    """Bytes of weights one decoded token reads: every matrix (the tied head included) once."""
+    n = sum(p.data.nbytes for p in model.parameters())
+    for owner, attr, _ in wyrd._int8_matrices(model) if model.quantized else ():
+        m = getattr(owner, attr)
+        m = getattr(m, "table", m)
+        n += m.q.nbytes + m.scale.nbytes + (0 if m.bias is None else m.bias.nbytes)
+    return n
+
+
+def decode_rate(preset, contexts, new_tokens, quantize):
+    """In this process: prefill seconds and decode tokens/s at each context, and the
+    matvec GB/s before and after, as one JSON line for the parent."""
+    model = Chimera(get_config(preset), init="reference")  # every matrix nonzero, as in a trained model
+    if quantize:
+        model = wyrd.quantize(model)
     rng = np.random.default_rng(0)
-    model.step(rng.integers(0, model.config.vocab_size, (1, 2)), model.init_state(1))  # load the kernels
+    model.step(rng.integers(0, model.config.vocab_size, (1, 40)), model.init_state(1))  # load the kernels
     gbps = [matvec_gbps()]
-    results = []
+    results = {}
     for ctx in contexts:
         state = model.init_state(1)
         prompt = rng.integers(0, model.config.vocab_size, (1, ctx))
@@ -68,57 +89,116 @@ def decode_rate(preset, contexts, new_tokens):
             t = time.perf_counter()
             tok[0, 0] = int(model.step(tok, state).argmax())
             times.append(time.perf_counter() - t)
-        rate = 1 / float(np.median(times))  # the median token: robust to a stall of the shared host
-        results.append((ctx, ttft, rate, state.nbytes()))
-    # The bound takes the faster of two matvec measurements, before and after decoding,
-    # so a busy moment of a shared host cannot lower the bound and flatter the ratio.
+        results[ctx] = (ttft, 1 / float(np.median(times)))  # the median token: robust to a stall of the host
     gbps.append(matvec_gbps())
-    bound = max(gbps) * 1e9 / (4 * n)  # every weight (incl. the tied head) is read once per token
-    print(f"machine: {os.cpu_count()} cores, matvec {gbps[0]:.1f} GB/s before decoding, {gbps[1]:.1f} after")
-    for ctx, ttft, rate, nbytes in results:
-        print(f"decode {preset} context {ctx:5d}: prefill {ttft * 1e3:7.0f} ms, {rate:6.2f} tok/s "
-              f"({rate / bound * 100:5.1f}% of the {bound:.2f} tok/s bandwidth bound), state {nbytes / 1e6:.1f} MB")
+    print(json.dumps({"gbps": gbps, "bytes": weight_bytes(model), "results": results}))
 
 
-def load_memory(path):
+def decode_side_by_side(rounds=2):
+    """float32 and int8 decoding, each in processes of its own under chat.py's thread
+    policy for it (runtime.py), alternating so a busy spell of the host hits both; the
+    best of `rounds` each. Each is compared with its own bandwidth bound."""
+    best, gbps, nbytes = {}, [], {}
+    for _ in range(rounds):
+        for name in ("float32", "int8"):
+            env = {"OPENBLAS_THREAD_TIMEOUT": runtime.DECODE_BLAS_TIMEOUT,
+                   **(runtime.INT8_DECODING if name == "int8" else {}), **GIVEN_ENV}
+            out = subprocess.run([sys.executable, __file__, "--decode-child", name], check=True, env=env,
+                                 stdout=subprocess.PIPE, text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            gbps += r["gbps"]
+            nbytes[name] = r["bytes"]
+            for ctx, (ttft, rate) in r["results"].items():
+                old = best.get((name, int(ctx)), (np.inf, 0))
+                best[name, int(ctx)] = (min(old[0], ttft), max(old[1], rate))
+    # The bound takes the fastest matvec measurement (before and after each run), so a
+    # busy moment of a shared host cannot lower the bound and flatter the ratio.
+    print(f"machine: {os.cpu_count()} cores, float32 matvec {min(gbps):.1f}-{max(gbps):.1f} GB/s; "
+          f"best of {rounds} alternating runs each")
+    for ctx in sorted({c for _, c in best}):
+        for name in ("float32", "int8"):
+            ttft, rate = best[name, ctx]
+            bound = max(gbps) * 1e9 / nbytes[name]
+            print(f"decode medium {name:7s} context {ctx:5d}: prefill {ttft * 1e3:6.0f} ms, {rate:6.1f} tok/s "
+                  f"({rate / bound * 100:5.1f}% of its {bound:5.1f} tok/s bound: {nbytes[name] / 1e6:.0f} MB a token)")
+        (f_ttft, f_rate), (q_ttft, q_rate) = best["float32", ctx], best["int8", ctx]
+        print(f"decode medium int8 / float32 context {ctx:5d}: {q_rate / f_rate:.2f}x the tokens/s, "
+              f"prefill {q_ttft / f_ttft:.2f}x the time")
+
+
+def peak_rss():
+    """This process's peak resident bytes (VmHWM: unlike ru_maxrss it starts afresh at exec)."""
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+
+
+def load_memory(path, quantize):
     """Peak resident bytes added by loading a checkpoint, in this (fresh) process."""
-    import wyrd
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss()
     t = time.perf_counter()
-    wyrd.load(path)
+    wyrd.load(path, quantize=quantize or None)
     took = time.perf_counter() - t
-    added = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    added = peak_rss() - before
     size = os.path.getsize(path)
-    print(f"load medium: {size / 1e9:.2f} GB file in {took:.1f} s, peak RSS added {added / 1e9:.2f} GB "
-          f"= {added / size:.2f}x the file")
+    print(f"load medium {quantize or 'float32':7s}: {size / 1e9:.2f} GB file in {took:.1f} s, "
+          f"peak RSS added {added / 1e9:.2f} GB = {added / size:.2f}x the file")
+
+
+def make_medium(path):
+    """A medium checkpoint with random weights and a small ChatML tokenizer, for chat.py."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.train(["Once upon a time there was a little dog named Tim.", "Hello! How can I help you?"] * 8,
+                          vocab_size=300)
+    wyrd.save(path, Chimera(get_config("medium"), init="reference"), tok)
+
+
+def chat_memory(path):
+    """Peak resident size of `chat.py --prompt ...` on a medium checkpoint, float32 and int8."""
+    peak = {}
+    for quantize in ("float32", "int8"):
+        cmd = [sys.executable, os.path.join(ROOT, "chat.py"), "--checkpoint", path, "--prompt", "Tell me a story.",
+               "--max-tokens", "32", "--temperature", "0"] + (["--quantize", "int8"] if quantize == "int8" else [])
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=GIVEN_ENV)
+        _, status, usage = os.wait4(proc.pid, 0)
+        assert status == 0, f"{cmd} failed"
+        peak[quantize] = usage.ru_maxrss * 1024
+        print(f"chat medium {quantize:7s}: peak RSS {peak[quantize] / 1e9:.3f} GB "
+              f"(load, a 32-token reply and exit in {time.perf_counter() - t:.1f} s)")
+    print(f"chat medium int8 / float32 peak RSS: {peak['int8'] / peak['float32'] * 100:.1f}%")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["tiny", "medium", "decode", "load"], default=None)
+    ap.add_argument("--only", choices=["tiny", "medium", "decode", "load", "chat"], default=None)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--decode-child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--load-child", help=argparse.SUPPRESS)
+    ap.add_argument("--decode-child", choices=["float32", "int8"], help=argparse.SUPPRESS)
+    ap.add_argument("--load-child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--make-medium", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.load_child:
-        load_memory(args.load_child)
+        load_memory(*args.load_child)
         sys.exit()
-    if args.only in (None, "load"):  # a medium checkpoint, loaded by a process of its own
-        import tempfile
-        import wyrd
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "medium.safetensors")
-            wyrd.save(path, Chimera(get_config("medium")))
-            subprocess.run([sys.executable, __file__, "--load-child", path], check=True)
-    if args.only == "load":
+    if args.make_medium:
+        make_medium(args.make_medium)
         sys.exit()
     if args.decode_child:
-        decode_rate("medium", [64, 4096], 64)
+        decode_rate("medium", [64, 4096], 64, args.decode_child == "int8")
         sys.exit()
-    if args.only in (None, "decode"):  # first, while this process is still small
-        subprocess.run([sys.executable, __file__, "--decode-child"], check=True,
-                       env={"OPENBLAS_THREAD_TIMEOUT": runtime.DECODE_BLAS_TIMEOUT, **GIVEN_ENV})
-    if args.only == "decode":
+    # each part that holds a medium model runs in a process of its own, so this one stays small
+    if args.only in (None, "load", "chat"):
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "medium.safetensors")
+            subprocess.run([sys.executable, __file__, "--make-medium", path], check=True)
+            if args.only in (None, "load"):
+                for quantize in ("", "int8"):
+                    subprocess.run([sys.executable, __file__, "--load-child", path, quantize], check=True)
+            if args.only in (None, "chat"):
+                chat_memory(path)
+    if args.only in (None, "decode"):
+        decode_side_by_side()
+    if args.only in ("load", "chat", "decode"):
         sys.exit()
     peak = matmul_gflops()
     print(f"machine: {os.cpu_count()} cores, float32 matmul {peak:.0f} GFLOP/s")

@@ -310,6 +310,20 @@ def test_one_shot_and_raw_and_end_of_input(babbler_file):
 
 
 
+def test_quantize_int8_replies_from_the_int8_model(babbler_file, capsys):
+    """--quantize int8: the CLI's greedy reply is the one an int8 model gives (and a bad
+    value is refused in one line, exit 2)."""
+    args = ["--checkpoint", babbler_file, "--prompt", "Hello!", "--max-tokens", "12", "--temperature", "0"]
+    r = run_chat([*args, "--quantize", "int8"])
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    model, tok, _ = wyrd.load(babbler_file, quantize="int8")
+    assert model.quantized == "int8"
+    chat.Repl(model, tok, chat.Settings(temperature=0, max_tokens=12), chat.DEFAULT_SYSTEM, False, False).say("Hello!")
+    assert r.stdout == capsys.readouterr().out
+    r = run_chat([*args, "--quantize", "int4"])
+    assert r.returncode == 2 and "--quantize: invalid choice: 'int4'" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_serve_on_a_bad_port_or_host_says_so_in_one_line(babbler_file):
     import socket
     taken = socket.socket()

@@ -14,6 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import tensorfile  # noqa: E402
 import wyrd  # noqa: E402
 from wyrd import Chimera, ChimeraConfig, CheckpointError, get_config  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -546,7 +547,7 @@ def test_failed_write_keeps_the_previous_file(nano, tmp_path, monkeypatch):
         if len(calls) == 3:
             raise OSError(28, "No space left on device")
         return memoryview(obj)
-    monkeypatch.setattr(wyrd, "memoryview", failing_memoryview, raising=False)
+    monkeypatch.setattr(tensorfile, "memoryview", failing_memoryview, raising=False)
     with pytest.raises(OSError, match="No space"):
         wyrd.save(str(path), nano, step=2)
     assert len(calls) == 3  # it did fail midway through the data

@@ -1,0 +1,227 @@
+"""int8 inference (quant.py): the kernels against plain NumPy twins, the quantisation
+error bound, and int8 models against float32 ones."""
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import quant  # noqa: E402
+import wyrd  # noqa: E402
+from autograd import no_grad  # noqa: E402
+from quant import GROUP, Int8Linear, dequantize_kernel, matvec_kernel, quantize_rows  # noqa: E402
+from wyrd import Chimera, ChimeraConfig  # noqa: E402
+
+# (rows, inputs): odd, smaller than a group, not a multiple of the group, exact multiples
+SHAPES = [(1, 1), (7, 5), (13, 31), (33, 32), (5, 33), (64, 95), (257, 96), (3, 300)]
+
+
+def dequantize_twin(q, scale):
+    """w[o, j] = scale[o, j // GROUP] q[o, j], in float64."""
+    return np.repeat(scale.astype(np.float64), GROUP, axis=1)[:, :q.shape[1]] * q
+
+
+def rounding(x, w):
+    """A bound on float32 rounding in x @ w.T: 4 eps sqrt(I) per unit of sum |x| |w|."""
+    return 4e-6 * np.sqrt(w.shape[1]) * (np.abs(x) @ np.abs(w).T) + 1e-30
+
+
+def random_matrix(rng, O, I):
+    w = rng.standard_normal((O, I)).astype(np.float32) * rng.uniform(0.01, 3, (O, 1)).astype(np.float32)
+    w[rng.random((O, I)) < 0.01] *= 20  # outliers: they set their group's scale
+    return w
+
+
+@pytest.mark.parametrize("O, I", SHAPES)
+def test_quantisation_error_is_at_most_half_a_step(O, I):
+    rng = np.random.default_rng(O * 1000 + I)
+    w = random_matrix(rng, O, I)
+    q, scale = quantize_rows(w)
+    assert q.dtype == np.int8 and q.shape == (O, I)
+    assert scale.dtype == np.float32 and scale.shape == (O, -(-I // GROUP))
+    assert np.abs(q.astype(int)).max() <= 127
+    for g in range(scale.shape[1]):  # each group's largest weight maps to +-127
+        cols = slice(g * GROUP, (g + 1) * GROUP)
+        assert np.allclose(scale[:, g], np.abs(w[:, cols]).max(axis=1) / 127, rtol=1e-6)
+        assert (np.abs(q[:, cols]).max(axis=1) == 127).all()
+    err = np.abs(dequantize_twin(q, scale) - w)
+    step = np.repeat(scale, GROUP, axis=1)[:, :I]
+    assert (err <= step / 2 * (1 + 1e-5) + 1e-30).all()
+
+
+def test_an_all_zero_group_has_scale_zero():
+    w = np.zeros((2, GROUP + 8), np.float32)
+    w[1, GROUP + 3] = -2.5  # row 1: first group zero, the second (short) one holds one weight
+    q, scale = quantize_rows(w)
+    assert scale[0].tolist() == [0, 0] and scale[1, 0] == 0 and (q[0] == 0).all()
+    assert q[1, GROUP + 3] == -127 and np.isclose(scale[1, 1], 2.5 / 127)
+
+
+@pytest.mark.parametrize("O, I", SHAPES)
+def test_dequantize_kernel_matches_numpy(O, I):
+    rng = np.random.default_rng(I)
+    q, scale = quantize_rows(random_matrix(rng, O, I))
+    out = np.empty((O, I), np.float32)
+    dequantize_kernel(q, scale, out)
+    assert np.array_equal(out, (np.repeat(scale, GROUP, axis=1)[:, :I] * q.astype(np.float32)))
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("O, I", SHAPES)
+def test_matvec_kernel_matches_numpy(O, I, n):
+    rng = np.random.default_rng(O + I + n)
+    q, scale = quantize_rows(random_matrix(rng, O, I))
+    x = rng.standard_normal((n, I)).astype(np.float32)
+    out = np.full((n, O), np.nan, np.float32)
+    matvec_kernel(q, scale, x, out)
+    w = dequantize_twin(q, scale)
+    assert (np.abs(out - x.astype(np.float64) @ w.T) <= rounding(x, w)).all()
+
+
+@pytest.mark.parametrize("n", [1, 5, 9, 40])
+def test_int8_linear_blas_and_kernel_paths_agree(n):
+    """n <= MATVEC_ROWS runs the kernel, more runs BLAS on dequantised blocks (several of
+    them: 300 rows > BLOCK_ROWS); both with a bias."""
+    rng = np.random.default_rng(n)
+    O, I = 300, 70
+    w, b = random_matrix(rng, O, I), rng.standard_normal(O).astype(np.float32)
+    lin = Int8Linear(*quantize_rows(w), bias=b)
+    x = rng.standard_normal((n, I)).astype(np.float32)
+    with no_grad():
+        y = lin(wyrd.Tensor(x.reshape(1, n, I))).data.reshape(n, O)
+        rows = np.concatenate([lin(wyrd.Tensor(x[i:i + 1])).data for i in range(n)])  # the kernel, a row at a time
+    w = dequantize_twin(lin.q, lin.scale)
+    assert (np.abs(y - (x.astype(np.float64) @ w.T + b)) <= rounding(x, w) + 1e-6 * np.abs(b)).all()
+    assert (np.abs(y - rows) <= 2 * rounding(x, w) + 1e-6 * np.abs(b)).all()
+
+
+def test_set_rows_fills_a_matrix_a_block_at_a_time():
+    rng = np.random.default_rng(0)
+    w = random_matrix(rng, 50, 45)
+    lin = Int8Linear.empty(50, 45)
+    for start in range(0, 50, 16):
+        lin.set_rows(start, w[start:start + 16])
+    q, scale = quantize_rows(w)
+    assert np.array_equal(lin.q, q) and np.array_equal(lin.scale, scale)
+    assert np.array_equal(lin.dequantize(10, 20), (np.repeat(scale, GROUP, axis=1)[:, :45] * q)[10:20])
+
+
+# ---------------------------------------------------------------------------
+# int8 models
+
+
+@pytest.fixture(scope="module")
+def nano():
+    return Chimera("nano", seed=3, init="reference")  # every weight nonzero
+
+
+def rel_error(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_int8_logits_are_close_to_float32(nano):
+    """Stated tolerance: logits within 2% (relative RMS) of float32's. The per-weight error
+    is at most 0.4% of its group's largest weight, and errors partly cancel in each sum."""
+    qm = wyrd.quantize(nano)
+    assert qm.quantized == "int8" and nano.quantized is None
+    ids = np.random.default_rng(1).integers(0, nano.config.vocab_size, (2, 50))
+    with no_grad():
+        f, q = nano(ids).data, qm(ids).data
+    err = rel_error(q, f)
+    assert 1e-4 < err < 0.02, err  # above 1e-4: the model really runs on int8 weights
+    assert (q.argmax(-1) == f.argmax(-1)).mean() > 0.9
+    # the float model is untouched, and its matrices are not shared
+    assert isinstance(nano.layers[0].ffn.w1, wyrd.Linear) and isinstance(qm.layers[0].ffn.w1, Int8Linear)
+    assert isinstance(qm.embed_tokens, quant.Int8Embedding)
+
+
+def test_int8_chunked_prefill_equals_one_token_steps(nano):
+    """A prompt chunk of 30 (BLAS on dequantised blocks) and 30 one-token steps (the
+    kernel) give the same logits to float rounding, and the same state."""
+    qm = wyrd.quantize(nano)
+    ids = np.random.default_rng(2).integers(0, nano.config.vocab_size, (2, 30))
+    chunk_state, step_state = qm.init_state(2), qm.init_state(2)
+    chunked = qm.step(ids, chunk_state)
+    for t in range(ids.shape[1]):
+        stepped = qm.step(ids[:, t:t + 1], step_state)
+    assert np.allclose(chunked, stepped, rtol=1e-4, atol=1e-5)
+    for a, b in zip(chunk_state.layers, step_state.layers):
+        for k in a:
+            assert np.allclose(a[k], b[k], rtol=1e-4, atol=1e-5)
+    with no_grad():  # and the last position of a full forward
+        assert np.allclose(qm(ids).data[:, -1], chunked, rtol=1e-4, atol=1e-5)
+
+
+def test_untied_head_is_quantised_too(tmp_path):
+    cfg = ChimeraConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, sliding_window=4,
+                        max_seq_len=32, attention_every_n=2, tie_word_embeddings=False)
+    m = Chimera(cfg, seed=5, init="reference")
+    qm = wyrd.quantize(m)
+    assert isinstance(qm.lm_head, Int8Linear)
+    assert np.array_equal(qm.lm_head.q, quantize_rows(m.lm_head.weight.data)[0])
+    ids = np.arange(12).reshape(1, 12)
+    with no_grad():
+        assert rel_error(qm(ids).data, m(ids).data) < 0.02
+
+
+def test_load_int8_equals_quantize_from_f32_and_bf16_files(nano, tmp_path):
+    for dtype in ("f32", "bf16"):
+        path = tmp_path / f"{dtype}.safetensors"
+        wyrd.save(str(path), nano, dtype=dtype)
+        loaded, _, _ = wyrd.load(str(path), quantize="int8")
+        source = wyrd.load(str(path))[0]  # the weights as the file holds them
+        expected = wyrd.quantize(source)
+        for get in (lambda m: m.layers[0].ffn.w2, lambda m: m.layers[2].temporal_mix.q_proj,
+                    lambda m: m.embed_tokens.table):
+            assert np.array_equal(get(loaded).q, get(expected).q) and np.array_equal(get(loaded).scale,
+                                                                                   get(expected).scale)
+        ids = np.arange(20).reshape(1, 20)
+        with no_grad():
+            assert np.array_equal(loaded(ids).data, expected(ids).data), dtype
+        for (name, p), (_, p2) in zip(loaded.named_parameters(), expected.named_parameters()):
+            assert np.array_equal(p.data, p2.data), name
+    with pytest.raises(ValueError, match="quantize must be None or 'int8'"):
+        wyrd.load(str(path), quantize="int4")
+
+
+def test_int8_models_refuse_to_train(nano, tmp_path):
+    import train
+    qm = wyrd.quantize(nano)
+    ids = np.arange(20).reshape(1, 20)
+    with pytest.raises(RuntimeError, match="int8 weights, for inference only"):
+        qm.loss(ids[:, :-1], ids[:, 1:])  # a forward that would record a graph
+    with no_grad():
+        assert np.isfinite(qm.loss(ids[:, :-1], ids[:, 1:]).data)
+    with pytest.raises(ValueError, match="int8 weights, for inference only"):
+        train.train(qm, None, [], [], train.PRETRAIN, str(tmp_path / "x.safetensors"), "pretrain", "k")
+    assert not os.listdir(tmp_path)
+
+
+def test_load_int8_never_holds_the_float_model(tmp_path):
+    """Peak memory added by load(quantize="int8") of an 84 MB float32 file, in a fresh
+    process: the int8 model is 0.27x the file; the bound 0.4x leaves room for one block
+    and the allocator, not for a float32 copy of any large matrix (the embedding is 0.2x)."""
+    cfg = ChimeraConfig(vocab_size=8192, d_model=512, n_layers=6, n_heads=8, n_kv_heads=2,
+                        sliding_window=64, max_seq_len=256)
+    path = tmp_path / "m.safetensors"
+    wyrd.save(str(path), Chimera(cfg, seed=0, init="reference"))
+    size = os.path.getsize(path)
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        import wyrd
+        def peak():  # VmHWM, not ru_maxrss: a child starts with its parent's ru_maxrss
+            return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+        before = peak()
+        model = wyrd.load({str(path)!r}, quantize=sys.argv[1] or None)[0]
+        print(peak() - before)
+    """)
+    added = {q: int(subprocess.run([sys.executable, "-c", code, q], capture_output=True, text=True,
+                                   check=True).stdout) for q in ("int8", "")}
+    assert added[""] > 0.9 * size, (added, size)  # the measure sees a float32 model
+    assert added["int8"] < 0.4 * size, (added, size)
