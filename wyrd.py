@@ -704,10 +704,10 @@ class Chimera(Module):
     def num_params(self):
         n = sum(p.size for p in self.parameters())
         if self.quantized:  # its matrices are int8 (quant.py), not parameters
-            for owner, attr, _ in _int8_matrices(self):
-                m = getattr(owner, attr)
-                m = getattr(m, "table", m)
-                n += m.q.size + (0 if m.bias is None else m.bias.size)
+            for owner, attrs, _ in _int8_matrices(self):
+                for m in (getattr(owner, a) for a in attrs):
+                    m = getattr(m, "table", m)
+                    n += m.q.size + (0 if m.bias is None else m.bias.size)
         return n
 
     def state_dict(self):
@@ -886,17 +886,27 @@ def quantize(model):
     return qmodel
 
 
+# Linears that read the same input: int8 stores each set as one matrix (quant.Int8Group)
+SHARED_INPUT = [("input_proj", "input_gate_proj", "recurrence_gate_proj"), ("q_proj", "k_proj", "v_proj"),
+                ("w1", "w3")]
+
+
 def _int8_matrices(model):
-    """(owner, attribute, name) of every matrix that int8 quantisation replaces."""
-    yield model, "embed_tokens", "embed_tokens"
+    """(owner, attributes, name prefix) of the matrices int8 quantisation replaces; the
+    attributes of one entry read the same input and become one int8 matrix."""
+    yield model, ("embed_tokens",), ""
     if not model.config.tie_word_embeddings:
-        yield model, "lm_head", "lm_head"
+        yield model, ("lm_head",), ""
     for i, layer in enumerate(model.layers):
         for part in ("temporal_mix", "ffn"):
             owner = getattr(layer, part)
-            for attr, m in vars(owner).items():
-                if isinstance(m, (Linear, quant.Int8Linear)):
-                    yield owner, attr, f"layers.{i}.{part}.{attr}"
+            attrs = [a for a, m in vars(owner).items() if isinstance(m, (Linear, quant.Int8Linear))]
+            for shared in SHARED_INPUT:
+                if set(shared) <= set(attrs):
+                    yield owner, shared, f"layers.{i}.{part}."
+                    attrs = [a for a in attrs if a not in shared]
+            for a in attrs:
+                yield owner, (a,), f"layers.{i}.{part}."
 
 
 def _fill(model, read, quantize=None):
@@ -916,16 +926,23 @@ def _fill(model, read, quantize=None):
     if quantize == "int8":
         if model.dtype != np.float32:
             raise ValueError(f"int8 models compute in float32, not {model.dtype}")
-        for owner, attr, name in _int8_matrices(model):
-            m = getattr(owner, attr)
-            d_out, d_in = m.weight.shape
-            bias = None
-            if hasattr(m, "bias"):
-                bias = np.concatenate([b for _, b in blocks(name + ".bias", (d_out,))]).astype(np.float32)
-            q = quant.Int8Linear.empty(d_out, d_in, bias)
-            for start, block in blocks(name + ".weight", (d_out, d_in)):
-                q.set_rows(start, block)
-            setattr(owner, attr, quant.Int8Embedding(q) if isinstance(m, Embedding) else q)
+        for owner, attrs, prefix in _int8_matrices(model):
+            parts = [getattr(owner, a) for a in attrs]
+            ends = np.cumsum([m.weight.shape[0] for m in parts])
+            bounds = list(zip([0, *ends[:-1]], ends))
+            biased = [hasattr(m, "bias") for m in parts]
+            matrix = quant.Int8Linear.empty(ends[-1], parts[0].weight.shape[1],
+                                            np.zeros(ends[-1], np.float32) if any(biased) else None)
+            for a, m, (start, stop), has in zip(attrs, parts, bounds, biased):
+                for row, block in blocks(prefix + a + ".weight", m.weight.shape):
+                    matrix.set_rows(start + row, block)
+                for row, block in blocks(prefix + a + ".bias", (stop - start,)) if has else ():
+                    matrix.bias[start + row:start + row + len(block)] = block
+            if len(parts) > 1:
+                for a, part in zip(attrs, quant.Int8Group(matrix, bounds, biased).parts):
+                    setattr(owner, a, part)
+            else:
+                setattr(owner, attrs[0], quant.Int8Embedding(matrix) if isinstance(parts[0], Embedding) else matrix)
         model.quantized = "int8"
     for name, p in model.named_parameters():
         for start, block in blocks(name, p.shape):

@@ -60,10 +60,10 @@ def train_step_rate(preset, B, T, steps, peak):
 def weight_bytes(model):
     """Bytes of weights one decoded token reads: every matrix (the tied head included) once."""
     n = sum(p.data.nbytes for p in model.parameters())
-    for owner, attr, _ in wyrd._int8_matrices(model) if model.quantized else ():
-        m = getattr(owner, attr)
-        m = getattr(m, "table", m)
-        n += m.q.nbytes + m.scale.nbytes + (0 if m.bias is None else m.bias.nbytes)
+    for owner, attrs, _ in wyrd._int8_matrices(model) if model.quantized else ():
+        for m in (getattr(owner, a) for a in attrs):
+            m = getattr(m, "table", m)
+            n += m.q.nbytes + m.scale.nbytes + (0 if m.bias is None else m.bias.nbytes)
     return n
 
 

@@ -157,6 +157,31 @@ def test_int8_chunked_prefill_equals_one_token_steps(nano):
         assert np.allclose(qm(ids).data[:, -1], chunked, rtol=1e-4, atol=1e-5)
 
 
+def test_matrices_reading_one_input_are_one_product(nano):
+    """q/k/v, the RG-LRU's three input projections and w1/w3 are each one int8 matrix:
+    one product per input, whose columns equal each part's own product."""
+    qm = wyrd.quantize(nano)
+    rng = np.random.default_rng(3)
+    for owner, names in [(qm.layers[0].temporal_mix, ("input_proj", "input_gate_proj", "recurrence_gate_proj")),
+                         (qm.layers[2].temporal_mix, ("q_proj", "k_proj", "v_proj")), (qm.layers[1].ffn, ("w1", "w3"))]:
+        parts = [getattr(owner, n) for n in names]
+        group = parts[0].group[0]
+        assert all(p.group[0] is group for p in parts)
+        calls, real = [], group.matrix
+        group.matrix = lambda x: calls.append(1) or real(x)
+        for n in (1, 20):  # the kernel, then BLAS
+            x = wyrd.Tensor(rng.standard_normal((1, n, parts[0].shape[1])).astype(np.float32))
+            with no_grad():
+                ys = [p(x).data for p in reversed(parts)][::-1]  # any order
+                alone = [Int8Linear(p.q.copy(), p.scale.copy(), None if p.bias is None else p.bias.copy())(x).data
+                         for p in parts]
+            for y, y1, p in zip(ys, alone, parts):
+                assert y.shape == (1, n, p.shape[0])
+                assert np.array_equal(y, y1) if n == 1 else np.allclose(y, y1, rtol=1e-5, atol=1e-6)
+        assert len(calls) == 2 and group.x is None  # one product per input, released once used
+        group.matrix = real
+
+
 def test_untied_head_is_quantised_too(tmp_path):
     cfg = ChimeraConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, sliding_window=4,
                         max_seq_len=32, attention_every_n=2, tie_word_embeddings=False)
