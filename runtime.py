@@ -12,9 +12,9 @@ import sys
 # Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores. By
 # default both spin for a while after each parallel region, stealing the core the
 # other needs next: a training step measured 2-4x slower. Numba's threads sleep.
-# Except when decoding with int8 weights (chat.py --quantize): its ~110 matrix-vector
-# products a token are Numba loops and BLAS is idle, and waking a sleeping thread
-# for each costs ~50 us. Its threads spin briefly: medium decoding 77 -> 125 tok/s.
+# Except when decoding with int8 weights (chat.py --quantize): its matrix-vector
+# products are ~65 Numba loops a token while BLAS is idle, and waking a sleeping
+# thread for each costs ~50 us. Its threads spin briefly: medium 77 -> 125 tok/s.
 DECODING = os.path.basename(sys.argv[0]) in ("chat.py", "bench_chat.py")
 INT8_DECODING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}
 if DECODING and any(a.startswith("--quantize") for a in sys.argv):
