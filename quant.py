@@ -99,7 +99,7 @@ class Int8Linear:
         x2 = np.ascontiguousarray(x.data, np.float32).reshape(-1, I)
         y = np.empty((x2.shape[0], O), np.float32)
         if x2.shape[0] <= MATVEC_ROWS:
-            # on every core even while decoding runs the small kernels on one
+            # on every core, even where float32 decoding keeps the small kernels on one
             # (wyrd.serial_kernels): one core alone cannot read memory at full speed
             prev = numba.get_num_threads()
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)

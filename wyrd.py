@@ -696,7 +696,8 @@ class Chimera(Module):
     def step(self, ids, state):
         """Consume ids [B, n] (a prompt chunk or one token) and return the next-token
         logits [B, V] as a NumPy array, advancing `state` in place."""
-        with no_grad(), serial_kernels(np.size(ids) <= (SERIAL_ROWS_INT8 if self.quantized else SERIAL_ROWS)):
+        n = np.size(ids)
+        with no_grad(), serial_kernels(quant.MATVEC_ROWS < n <= SERIAL_ROWS_INT8 if self.quantized else n <= SERIAL_ROWS):
             x = self.hidden(ids, state)[:, -1:]                       # only the last position is needed
             return self._head(self.norm(x)).data[:, 0]
 
@@ -767,9 +768,10 @@ class DecodeState:
 
 
 SERIAL_ROWS = 32  # up to this many tokens, one thread runs the Numba kernels
-# int8 decoding's Numba threads spin between loops (runtime.py): on a prompt chunk they
-# would steal the core BLAS needs, so its kernels (but the int8 matrix-vector product)
-# stay on one thread up to longer chunks: a 64-token prefill 1.4x -> 1.05x float32's time
+# int8 decoding's Numba threads spin between loops (runtime.py), so waking them is cheap
+# and a token's kernels all run on every core (+4% tok/s). But a prompt chunk goes
+# through BLAS, whose core spinning threads would steal: up to 512 tokens its kernels
+# stay on one thread (a 64-token prefill went from 1.4x to ~1.05x float32's time)
 SERIAL_ROWS_INT8 = 512
 
 
