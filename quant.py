@@ -102,11 +102,14 @@ class Int8Linear:
             # on every core, even where float32 decoding keeps the small kernels on one
             # (wyrd.serial_kernels): one core alone cannot read memory at full speed
             prev = numba.get_num_threads()
-            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
-            try:
+            if prev == numba.config.NUMBA_NUM_THREADS:  # int8 decoding (wyrd.Chimera.step)
                 matvec_kernel(self.q, self.scale, x2, y)
-            finally:
-                numba.set_num_threads(prev)
+            else:  # each set_num_threads costs ~4 us: ~0.5 ms a token if done every time
+                numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+                try:
+                    matvec_kernel(self.q, self.scale, x2, y)
+                finally:
+                    numba.set_num_threads(prev)
         else:  # a prompt chunk: BLAS on dequantised blocks (same maths; sums in another order)
             rows = max(1, (BLOCK_FLOATS if numba.get_num_threads() == 1 else PARALLEL_BLOCK_FLOATS) // I)
             for start in range(0, O, rows):
