@@ -94,7 +94,7 @@ def decode_rate(preset, contexts, new_tokens, quantize):
     print(json.dumps({"gbps": gbps, "bytes": weight_bytes(model), "results": results}))
 
 
-def decode_side_by_side(rounds=2):
+def decode_side_by_side(rounds=3):
     """float32 and int8 decoding, each in processes of its own under chat.py's thread
     policy for it (runtime.py), alternating so a busy spell of the host hits both; the
     best of `rounds` each. Each is compared with its own bandwidth bound."""
