@@ -800,6 +800,9 @@ def save(path, model, tokenizer=None, dtype="f32", **meta):
     dtype="bf16" halves the file (standard BF16 tensors; `load` gives float32 back)."""
     if dtype not in ("f32", "bf16"):
         raise ValueError(f"dtype must be 'f32' or 'bf16', got {dtype!r}")
+    if model.quantized:  # its state_dict lacks the matrices: the file would not load
+        raise ValueError(f"{path}: this model has {model.quantized} weights, which checkpoints do not store; "
+                         "save the float model (and quantize when loading)")
     metadata = {"format": "wyrd", "config": json.dumps(model.config.to_dict())}
     if tokenizer is not None:
         metadata["tokenizer"] = tokenizer.to_json()

@@ -214,7 +214,7 @@ def test_load_int8_equals_quantize_from_f32_and_bf16_files(nano, tmp_path):
         wyrd.load(str(path), quantize="int4")
 
 
-def test_int8_models_refuse_to_train(nano, tmp_path):
+def test_int8_models_refuse_to_train_or_be_saved(nano, tmp_path):
     import train
     qm = wyrd.quantize(nano)
     ids = np.arange(20).reshape(1, 20)
@@ -224,6 +224,8 @@ def test_int8_models_refuse_to_train(nano, tmp_path):
         assert np.isfinite(qm.loss(ids[:, :-1], ids[:, 1:]).data)
     with pytest.raises(ValueError, match="int8 weights, for inference only"):
         train.train(qm, None, [], [], train.PRETRAIN, str(tmp_path / "x.safetensors"), "pretrain", "k")
+    with pytest.raises(ValueError, match="int8 weights, which checkpoints do not store"):
+        wyrd.save(str(tmp_path / "x.safetensors"), qm)
     assert not os.listdir(tmp_path)
 
 
