@@ -29,7 +29,7 @@ GIVEN_ENV = dict(os.environ)
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import runtime  # noqa: E402
-from bench_kernels import matmul_gflops, matvec_gbps  # noqa: E402
+from bench_kernels import best_of, matmul_gflops, matvec_gbps  # noqa: E402
 import wyrd  # noqa: E402
 from wyrd import Chimera, get_config  # noqa: E402
 
@@ -67,6 +67,23 @@ def weight_bytes(model):
     return n
 
 
+def int8_matvec_gbps(n=64, rows=4096, cols=1024):
+    """The int8 kernel's own matrix-vector rate in GB/s of weights and scales read: n
+    matrices of a model's row length (the input vector stays in L1), 285 MB in all (past
+    the 32 MB L3), one after another as a decoded token reads them."""
+    import quant
+    rng = np.random.default_rng(0)
+    mats = [quant.Int8Linear(rng.integers(-127, 128, (rows, cols), dtype=np.int8),
+                             rng.random((rows, cols // quant.GROUP), dtype=np.float32)) for _ in range(n)]
+    x = wyrd.Tensor(rng.standard_normal((1, cols), dtype=np.float32))
+
+    def all_of_them():
+        for m in mats:
+            m(x)
+    with wyrd.no_grad():
+        return sum(m.q.nbytes + m.scale.nbytes for m in mats) / best_of(all_of_them, repeat=10) / 1e9
+
+
 def decode_rate(preset, contexts, new_tokens, quantize):
     """In this process: prefill seconds and decode tokens/s at each context, and the
     matvec GB/s before and after, as one JSON line for the parent."""
@@ -91,14 +108,15 @@ def decode_rate(preset, contexts, new_tokens, quantize):
             times.append(time.perf_counter() - t)
         results[ctx] = (ttft, 1 / float(np.median(times)))  # the median token: robust to a stall of the host
     gbps.append(matvec_gbps())
-    print(json.dumps({"gbps": gbps, "bytes": weight_bytes(model), "results": results}))
+    kernel = [int8_matvec_gbps()] if quantize else []
+    print(json.dumps({"gbps": gbps, "kernel_gbps": kernel, "bytes": weight_bytes(model), "results": results}))
 
 
 def decode_side_by_side(rounds=3):
     """float32 and int8 decoding, each in processes of its own under chat.py's thread
     policy for it (runtime.py), alternating so a busy spell of the host hits both; the
     best of `rounds` each. Each is compared with its own bandwidth bound."""
-    best, gbps, nbytes = {}, [], {}
+    best, gbps, kernel_gbps, nbytes = {}, [], [], {}
     for _ in range(rounds):
         for name in ("float32", "int8"):
             env = {"OPENBLAS_THREAD_TIMEOUT": runtime.DECODE_BLAS_TIMEOUT,
@@ -107,13 +125,15 @@ def decode_side_by_side(rounds=3):
                                  stdout=subprocess.PIPE, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             gbps += r["gbps"]
+            kernel_gbps += r["kernel_gbps"]
             nbytes[name] = r["bytes"]
             for ctx, (ttft, rate) in r["results"].items():
                 old = best.get((name, int(ctx)), (np.inf, 0))
                 best[name, int(ctx)] = (min(old[0], ttft), max(old[1], rate))
     # The bound takes the fastest matvec measurement (before and after each run), so a
     # busy moment of a shared host cannot lower the bound and flatter the ratio.
-    print(f"machine: {os.cpu_count()} cores, float32 matvec {min(gbps):.1f}-{max(gbps):.1f} GB/s; "
+    print(f"machine: {os.cpu_count()} cores, float32 matvec {min(gbps):.1f}-{max(gbps):.1f} GB/s "
+          f"(the bounds use the fastest), int8 kernel matvec {min(kernel_gbps):.1f}-{max(kernel_gbps):.1f} GB/s; "
           f"best of {rounds} alternating runs each")
     for ctx in sorted({c for _, c in best}):
         for name in ("float32", "int8"):
@@ -121,6 +141,9 @@ def decode_side_by_side(rounds=3):
             bound = max(gbps) * 1e9 / nbytes[name]
             print(f"decode medium {name:7s} context {ctx:5d}: prefill {ttft * 1e3:6.0f} ms, {rate:6.1f} tok/s "
                   f"({rate / bound * 100:5.1f}% of its {bound:5.1f} tok/s bound: {nbytes[name] / 1e6:.0f} MB a token)")
+        kernel_bound = max(kernel_gbps) * 1e9 / nbytes["int8"]
+        print(f"decode medium int8    context {ctx:5d}: {best['int8', ctx][1] / kernel_bound * 100:5.1f}% of the "
+              f"{kernel_bound:5.1f} tok/s the int8 kernel's own matvec rate allows")
         (f_ttft, f_rate), (q_ttft, q_rate) = best["float32", ctx], best["int8", ctx]
         print(f"decode medium int8 / float32 context {ctx:5d}: {q_rate / f_rate:.2f}x the tokens/s, "
               f"prefill {q_ttft / f_ttft:.2f}x the time")
