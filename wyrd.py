@@ -697,19 +697,15 @@ class Chimera(Module):
         """Consume ids [B, n] (a prompt chunk or one token) and return the next-token
         logits [B, V] as a NumPy array, advancing `state` in place."""
         n = np.size(ids)
-        with no_grad(), serial_kernels(quant.MATVEC_ROWS < n <= SERIAL_ROWS_INT8 if self.quantized else n <= SERIAL_ROWS):
+        serial = quant.MATVEC_ROWS < n <= SERIAL_ROWS_INT8 if self.quantized else n <= SERIAL_ROWS
+        with no_grad(), serial_kernels(serial):
             x = self.hidden(ids, state)[:, -1:]                       # only the last position is needed
             return self._head(self.norm(x)).data[:, 0]
 
     # -- parameters -----------------------------------------------------------
     def num_params(self):
-        n = sum(p.size for p in self.parameters())
-        if self.quantized:  # its matrices are int8 (quant.py), not parameters
-            for owner, attrs, _ in _int8_matrices(self):
-                for m in (getattr(owner, a) for a in attrs):
-                    m = getattr(m, "table", m)
-                    n += m.q.size + (0 if m.bias is None else m.bias.size)
-        return n
+        int8 = sum(m.q.size + (0 if m.bias is None else m.bias.size) for m in int8_linears(self))
+        return sum(p.size for p in self.parameters()) + int8
 
     def state_dict(self):
         return {name: p.data for name, p in self.named_parameters()}
@@ -912,6 +908,13 @@ def _int8_matrices(model):
                     attrs = [a for a in attrs if a not in shared]
             for a in attrs:
                 yield owner, (a,), f"layers.{i}.{part}."
+
+
+def int8_linears(model):
+    """The Int8Linear of every int8 matrix of a quantised model (none for a float one)."""
+    for owner, attrs, _ in _int8_matrices(model) if model.quantized else ():
+        for m in (getattr(owner, a) for a in attrs):
+            yield getattr(m, "table", m)  # an Int8Embedding holds its Int8Linear as .table
 
 
 def _fill(model, read, quantize=None):

@@ -59,12 +59,8 @@ def train_step_rate(preset, B, T, steps, peak):
 
 def weight_bytes(model):
     """Bytes of weights one decoded token reads: every matrix (the tied head included) once."""
-    n = sum(p.data.nbytes for p in model.parameters())
-    for owner, attrs, _ in wyrd._int8_matrices(model) if model.quantized else ():
-        for m in (getattr(owner, a) for a in attrs):
-            m = getattr(m, "table", m)
-            n += m.q.nbytes + m.scale.nbytes + (0 if m.bias is None else m.bias.nbytes)
-    return n
+    int8 = sum(m.q.nbytes + m.scale.nbytes + (0 if m.bias is None else m.bias.nbytes) for m in wyrd.int8_linears(model))
+    return sum(p.data.nbytes for p in model.parameters()) + int8
 
 
 def int8_matvec_gbps(n=64, rows=4096, cols=1024):

@@ -2,8 +2,8 @@
 often their greedy replies agree.
 
     python bench/bench_quant.py                                   # out/wyrd.safetensors
-    python bench/bench_quant.py --text ../shared/samples/tinystories_train_4k.txt
-    python bench/bench_quant.py --checkpoint out/ts.safetensors --text ../shared/samples/tinystories_train_4k.txt --no-chat
+    python bench/bench_quant.py --text tinystories_train_4k.txt
+    python bench/bench_quant.py --checkpoint out/ts.safetensors --text tinystories_train_4k.txt --no-chat
 
 held-out loss  = mean nats/token over every held-out row, split as train.py splits
                  (the last 5% of the built-in stories and chats, and of --text)
