@@ -66,9 +66,10 @@ class TrainConfig:
 # 2 CPU cores, at most 15 minutes in all. The built-in corpus is templated text that a
 # small model learns fast, and Wyrd's init starts every block as the identity, so a
 # high learning rate and a short warmup are safe. 2500 steps, because copying a name
-# from a few sentences back arrives as a sudden drop near step 1200 and needs the rest
-# to settle (names per story 7.3 at 350 steps, 1.9 at 2500); 1000 fine-tuning steps,
-# because the world facts need them (42 of 52 after 600, 52 after 1000). docs/architecture.md
+# from a few sentences back arrives as a sudden drop (near step 800; 1200 before the
+# embedding's init scale went up) and needs the rest to settle (names per story 7.3 at
+# 350 steps, 1.6 at 2500); 1000 fine-tuning steps, because the world facts need them
+# (42 of 52 after 600, 50-52 after 1000). docs/architecture.md
 PRETRAIN = TrainConfig()
 FINETUNE = replace(PRETRAIN, steps=1000, seq_len=384, lr=1e-3, min_lr=1e-4, warmup=20, weight_decay=0.01)
 FINAL_VAL_ROWS = 192            # held-out rows of the final evaluation (all of a small split)

@@ -50,10 +50,11 @@ def test_reference_init_follows_the_spec():
     assert not p["layers.0.temporal_mix.h0"].data.any()
     assert not p["layers.0.temporal_mix.input_gate_proj.bias"].data.any()
     assert (p["norm.weight"].data == 1).all()
-    assert p["embed_tokens.weight"].dtype == np.float32
+    emb = p["embed_tokens.weight"].data
+    assert emb.dtype == np.float32 and abs(emb.std() - 0.02) < 0.002
     # the same seed gives the same model; another seed does not
-    assert np.array_equal(Chimera(NANO, seed=3).state_dict()["embed_tokens.weight"], m.state_dict()["embed_tokens.weight"])
-    assert not np.array_equal(Chimera(NANO, seed=4).state_dict()["embed_tokens.weight"], m.state_dict()["embed_tokens.weight"])
+    assert np.array_equal(Chimera(NANO, seed=3, init="reference").state_dict()["embed_tokens.weight"], emb)
+    assert not np.array_equal(Chimera(NANO, seed=4, init="reference").state_dict()["embed_tokens.weight"], emb)
     with pytest.raises(ValueError, match="init must be"):
         Chimera(NANO, init="xavier")
 
@@ -76,11 +77,12 @@ def branch_rms(model, ids):
 
 def test_wyrd_init_keeps_the_token_embedding_in_charge():
     """At Wyrd's init no residual branch adds more than the embedding's RMS (they start
-    at zero); at the reference init an RG-LRU branch adds ~0.02 sqrt(d), several times
-    the embedding, which is what made training sit on the unigram plateau (docs/04)."""
+    at zero), and the embedding is 0.05 sqrt(128 / d) (0.071 at nano's d = 64); at the
+    reference init (0.02) an RG-LRU branch adds ~0.02 sqrt(d), several times the
+    embedding, which is what made training sit on the unigram plateau (docs/04)."""
     ids = np.random.default_rng(0).integers(0, NANO.vocab_size, (2, 50))
     emb, added = branch_rms(Chimera(NANO, seed=1), ids)
-    assert emb == pytest.approx(0.02, rel=0.1) and max(added) <= 1.0 * emb
+    assert emb == pytest.approx(0.05 * np.sqrt(128 / NANO.d_model), rel=0.1) and max(added) <= 1.0 * emb
     emb_ref, added_ref = branch_rms(Chimera(NANO, seed=1, init="reference"), ids)
     assert added_ref[0] > 3 * emb_ref                      # layer 0 is an RG-LRU
     # sigmoid(lambda) in Griffin's [0.9, 0.999], spread over the range
