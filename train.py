@@ -68,10 +68,11 @@ class TrainConfig:
 # high learning rate and a short warmup are safe. 2500 steps, because copying a name
 # from a few sentences back arrives as a sudden drop (near step 800; 1200 before the
 # embedding's init scale went up) and needs the rest to settle (names per story 7.3 at
-# 350 steps, 1.6 at 2500); 1000 fine-tuning steps, because the world facts need them
-# (42 of 52 after 600, 50-52 after 1000). docs/architecture.md
+# 350 steps, 2.35 at 2000, 1.6-1.85 at 2500); 600 fine-tuning steps at lr 2e-3, because
+# the world facts need steps or rate (42 of 52 after 600 at 1e-3, 45 after 450 at 3e-3,
+# 51 after 600 at 2e-3, 50 after 1000 at 1e-3 in 100 s more). docs/architecture.md
 PRETRAIN = TrainConfig()
-FINETUNE = replace(PRETRAIN, steps=1000, seq_len=384, lr=1e-3, min_lr=1e-4, warmup=20, weight_decay=0.01)
+FINETUNE = replace(PRETRAIN, steps=600, seq_len=384, lr=2e-3, min_lr=1e-4, warmup=20, weight_decay=0.01)
 FINAL_VAL_ROWS = 192            # held-out rows of the final evaluation (all of a small split)
 
 
