@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Train a tiny Wyrd
 #
-# The whole recipe of `python train.py`, about ten minutes of CPU:
+# The whole recipe of `python train.py`, about fifteen minutes of 2 CPU cores:
 #
 # 1. a byte-level BPE tokenizer trained on the built-in stories and chats;
 # 2. **pretraining** on stories (next-token prediction on every token);
