@@ -11,6 +11,10 @@ nats/token on the TinyStories checkpoint (README), far below what changes a repl
     w ~ scale[o, j // GROUP] * q[o, j],   q = round(w / scale) in [-127, 127],
     scale = max |w| over the group / 127, so the error is at most scale / 2.
 
+The kernel rounds its input vector to int16 per group (quantize_x16), so a group's
+products are integer multiply-adds: at memory speed on 2 cores, where converting each
+weight to float32 was not.
+
 wyrd.quantize(model) and wyrd.load(path, quantize="int8") build models from these.
 The last section decodes one token through such a model in a Numba call per block.
 Each kernel has a plain NumPy twin in tests/test_quant.py.
@@ -25,10 +29,11 @@ from autograd import FAST, Tensor, is_grad_enabled
 
 GROUP = 64
 MATVEC_ROWS = 8  # up to this many tokens the kernel reads each weight once for all of them;
-# more go through BLAS on blocks of dequantised rows: 1 MB (in L2) when the Numba kernels
-# run on one thread, else 8 MB, as each block then hands the cores from Numba's threads
-# to BLAS's and back (2 MB blocks made a long prefill 2x slower)
-BLOCK_FLOATS, PARALLEL_BLOCK_FLOATS = 1 << 18, 1 << 21
+# more go through BLAS on blocks of dequantised rows: 4 MB when the Numba kernels run on
+# one thread (1 MB, the L2's size, made 64- and 512-token medium prefills 10-13% slower:
+# BLAS is slower on thinner blocks), else 8 MB, as each block then hands the cores from
+# Numba's threads to BLAS's and back (2 MB blocks made a long prefill 2x slower)
+BLOCK_FLOATS, PARALLEL_BLOCK_FLOATS = 1 << 20, 1 << 21
 
 
 def quantize_rows(w):
