@@ -29,7 +29,7 @@ GIVEN_ENV = dict(os.environ)
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import runtime  # noqa: E402
-from bench_kernels import best_of, matmul_gflops, matvec_gbps  # noqa: E402
+from bench_kernels import best_of, matmul_gflops  # noqa: E402
 import wyrd  # noqa: E402
 from wyrd import Chimera, get_config  # noqa: E402
 
@@ -80,40 +80,57 @@ def int8_matvec_gbps(n=64, rows=4096, cols=1024):
         return sum(m.q.nbytes + m.scale.nbytes for m in mats) / best_of(all_of_them, repeat=10) / 1e9
 
 
-def decode_rate(preset, contexts, new_tokens, quantize):
-    """In this process: prefill seconds and decode tokens/s at each context, and the
-    matvec GB/s before and after, as one JSON line for the parent."""
+def decode_rate(preset, contexts, rounds, tokens, quantize):
+    """In this process: prefill seconds at each context, then `rounds` rounds of a
+    float32 matvec measurement (the bound at that moment) followed by `tokens`
+    decoded tokens; one JSON line for the parent."""
     model = Chimera(get_config(preset), init="reference")  # every matrix nonzero, as in a trained model
     if quantize:
         model = wyrd.quantize(model)
     rng = np.random.default_rng(0)
     model.step(rng.integers(0, model.config.vocab_size, (1, 40)), model.init_state(1))  # load the kernels
-    gbps = [matvec_gbps()]
-    results = {}
+    big, v = np.full((32768, 8192), 0.5, np.float32), np.ones(8192, np.float32)  # 1 GB: past the L3 cache
+
+    def matvec_now():
+        time.sleep(0.05)  # the other library's threads stop spinning and leave the cores
+        rate = big.nbytes / best_of(lambda: big @ v, repeat=3) / 1e9
+        time.sleep(0.05)
+        return rate
+    gbps, results = [], {}
     for ctx in contexts:
-        state = model.init_state(1)
         prompt = rng.integers(0, model.config.vocab_size, (1, ctx))
-        t = time.perf_counter()
-        logits = model.step(prompt, state)
-        ttft = time.perf_counter() - t
-        tok = np.array([[int(logits.argmax())]])
-        times = []
-        for _ in range(new_tokens):
+        ttft = np.inf
+        for _ in range(5 if ctx <= 512 else 1):  # the best of 5 where a prefill is short enough
+            state = model.init_state(1)
             t = time.perf_counter()
-            tok[0, 0] = int(model.step(tok, state).argmax())
-            times.append(time.perf_counter() - t)
-        results[ctx] = (ttft, 1 / float(np.median(times)))  # the median token: robust to a stall of the host
-    gbps.append(matvec_gbps())
+            logits = model.step(prompt, state)
+            ttft = min(ttft, time.perf_counter() - t)
+        tok = np.array([[int(logits.argmax())]])
+        pairs = []
+        for _ in range(rounds):
+            gbps.append(matvec_now())
+            times = []
+            for _ in range(tokens):
+                t = time.perf_counter()
+                tok[0, 0] = int(model.step(tok, state).argmax())
+                times.append(time.perf_counter() - t)
+            pairs.append((1 / float(np.median(times)), gbps[-1]))  # the median token: robust to a stall
+        results[ctx] = (ttft, pairs)
     kernel = [int8_matvec_gbps()] if quantize else []
     print(json.dumps({"gbps": gbps, "kernel_gbps": kernel, "bytes": weight_bytes(model), "results": results}))
 
 
-def decode_side_by_side(rounds=3):
+def decode_side_by_side(runs=3):
     """float32 and int8 decoding, each in processes of its own under chat.py's thread
-    policy for it (runtime.py), alternating so a busy spell of the host hits both; the
-    best of `rounds` each. Each is compared with its own bandwidth bound."""
-    best, gbps, kernel_gbps, nbytes = {}, [], [], {}
-    for _ in range(rounds):
+    policy for it (runtime.py), alternating so a busy spell of the host hits both.
+    Each is compared with its own bandwidth bound, bytes a token / matvec GB/s, two ways:
+    - against the fastest matvec of the whole benchmark, with the best of its rounds:
+      a busy moment of the shared host can only lower this figure;
+    - round by round against the matvec measured just before that round's tokens
+      (the median of those ratios): the host's memory rate swings by 1.5x from minute
+      to minute here, and this compares each rate with the memory it had."""
+    rates, ttfts, gbps, kernel_gbps, nbytes = {}, {}, [], [], {}
+    for _ in range(runs):
         for name in ("float32", "int8"):
             env = {"OPENBLAS_THREAD_TIMEOUT": runtime.DECODE_BLAS_TIMEOUT,
                    **(runtime.INT8_DECODING if name == "int8" else {}), **GIVEN_ENV}
@@ -123,26 +140,28 @@ def decode_side_by_side(rounds=3):
             gbps += r["gbps"]
             kernel_gbps += r["kernel_gbps"]
             nbytes[name] = r["bytes"]
-            for ctx, (ttft, rate) in r["results"].items():
-                old = best.get((name, int(ctx)), (np.inf, 0))
-                best[name, int(ctx)] = (min(old[0], ttft), max(old[1], rate))
-    # The bound takes the fastest matvec measurement (before and after each run), so a
-    # busy moment of a shared host cannot lower the bound and flatter the ratio.
+            for ctx, (ttft, pairs) in r["results"].items():
+                ttfts[name, int(ctx)] = min(ttfts.get((name, int(ctx)), np.inf), ttft)
+                rates.setdefault((name, int(ctx)), []).extend(pairs)
     print(f"machine: {os.cpu_count()} cores, float32 matvec {min(gbps):.1f}-{max(gbps):.1f} GB/s "
-          f"(the bounds use the fastest), int8 kernel matvec {min(kernel_gbps):.1f}-{max(kernel_gbps):.1f} GB/s; "
-          f"best of {rounds} alternating runs each")
-    for ctx in sorted({c for _, c in best}):
+          f"(median {np.median(gbps):.1f}), int8 kernel matvec {min(kernel_gbps):.1f}-{max(kernel_gbps):.1f} GB/s; "
+          f"{runs} alternating runs each, {len(rates['int8', 64])} rounds of 16 tokens a context")
+    for ctx in sorted({c for _, c in rates}):
         for name in ("float32", "int8"):
-            ttft, rate = best[name, ctx]
-            bound = max(gbps) * 1e9 / nbytes[name]
-            print(f"decode medium {name:7s} context {ctx:5d}: prefill {ttft * 1e3:6.0f} ms, {rate:6.1f} tok/s "
-                  f"({rate / bound * 100:5.1f}% of its {bound:5.1f} tok/s bound: {nbytes[name] / 1e6:.0f} MB a token)")
+            pairs = np.array(rates[name, ctx])
+            best, bound = pairs[:, 0].max(), max(gbps) * 1e9 / nbytes[name]
+            paired = np.median(pairs[:, 0] * nbytes[name] / (pairs[:, 1] * 1e9))
+            print(f"decode medium {name:7s} context {ctx:5d}: prefill {ttfts[name, ctx] * 1e3:6.0f} ms, "
+                  f"{best:6.1f} tok/s ({best / bound * 100:5.1f}% of its {bound:5.1f} tok/s bound: "
+                  f"{nbytes[name] / 1e6:.0f} MB a token); round by round {paired * 100:5.1f}% "
+                  f"(median {np.median(pairs[:, 0]):.1f} tok/s)")
+        f_rate, q_rate = (np.array(rates[n, ctx])[:, 0] for n in ("float32", "int8"))
         kernel_bound = max(kernel_gbps) * 1e9 / nbytes["int8"]
-        print(f"decode medium int8    context {ctx:5d}: {best['int8', ctx][1] / kernel_bound * 100:5.1f}% of the "
+        print(f"decode medium int8    context {ctx:5d}: {q_rate.max() / kernel_bound * 100:5.1f}% of the "
               f"{kernel_bound:5.1f} tok/s the int8 kernel's own matvec rate allows")
-        (f_ttft, f_rate), (q_ttft, q_rate) = best["float32", ctx], best["int8", ctx]
-        print(f"decode medium int8 / float32 context {ctx:5d}: {q_rate / f_rate:.2f}x the tokens/s, "
-              f"prefill {q_ttft / f_ttft:.2f}x the time")
+        print(f"decode medium int8 / float32 context {ctx:5d}: {q_rate.max() / f_rate.max():.2f}x the tokens/s "
+              f"(medians {np.median(q_rate) / np.median(f_rate):.2f}x), "
+              f"prefill {ttfts['int8', ctx] / ttfts['float32', ctx]:.2f}x the time")
 
 
 def peak_rss():
@@ -202,7 +221,7 @@ if __name__ == "__main__":
         make_medium(args.make_medium)
         sys.exit()
     if args.decode_child:
-        decode_rate("medium", [64, 4096], 64, args.decode_child == "int8")
+        decode_rate("medium", [64, 4096], 4, 16, args.decode_child == "int8")
         sys.exit()
     # each part that holds a medium model runs in a process of its own, so this one stays small
     if args.only in (None, "load", "chat"):

@@ -2,12 +2,13 @@
 often their greedy replies agree.
 
     python bench/bench_quant.py                                   # out/wyrd.safetensors
-    python bench/bench_quant.py --text tinystories_train_4k.txt
     python bench/bench_quant.py --checkpoint out/ts.safetensors --text tinystories_train_4k.txt --no-chat
 
 held-out loss  = mean nats/token over every held-out row, split as train.py splits
                  (the last 5% of the built-in stories and chats, and of --text)
 bits per byte  = nats/token / ln 2 / UTF-8 bytes per token of those rows
+decode path    = the same loss on the first 64 rows fed one token at a time through
+                 step, as chat decodes (int8: the block kernels, int16 activations)
 greedy match   = share of the default run's held-out prompts (the reply check's 50)
                  whose first 20 greedy reply tokens are the same in float32 and int8
 """
@@ -20,6 +21,8 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import wyrd  # noqa: E402  (first: the thread policy must be in place when NumPy loads)
+import numpy as np  # noqa: E402
+import quant  # noqa: E402
 import corpus  # noqa: E402
 import train  # noqa: E402
 from data import Rows, load_tokens  # noqa: E402
@@ -37,6 +40,26 @@ def held_out(models, tok, source, chat, seq_len, tmp):
     print(f"{label:28s} {len(rows):4d} held-out rows: " + ", ".join(
         f"{name} {loss:.4f} nats/token ({loss / math.log(2) / per_byte:.4f} bits/byte)" for name, loss in losses.items())
         + f"; int8 - float32 = {losses['int8'] - losses['float32']:+.4f} nats/token")
+    decoded = {name: decoded_loss(m, rows, quant.MATVEC_ROWS, 64) for name, m in models.items()}
+    print(f"{'':28s} the first {min(64, len(rows))} rows fed a token at a time through step (the decode path): "
+          + ", ".join(f"{name} {loss:.4f}" for name, loss in decoded.items())
+          + f"; int8 - float32 = {decoded['int8'] - decoded['float32']:+.4f} nats/token")
+
+
+def decoded_loss(model, rows, batch, n):
+    """Mean loss over the first n rows with every token consumed by model.step as in
+    chat (for int8: the block kernels and the int16-activation matvec), not by a
+    forward over the whole row (for int8: BLAS on dequantised weights)."""
+    total = count = 0.0
+    for i in range(0, min(n, len(rows)), batch):
+        x, y, m = rows.batch(list(range(i, min(i + batch, n, len(rows)))))
+        state = model.init_state(len(x))
+        for t in range(x.shape[1]):
+            z = model.step(x[:, t:t + 1], state).astype(np.float64)
+            top = z.max(axis=1)
+            nll = top + np.log(np.exp(z - top[:, None]).sum(axis=1)) - z[np.arange(len(z)), y[:, t]]
+            total, count = total + float((nll * m[:, t]).sum()), count + float(m[:, t].sum())
+    return total / count
 
 
 def greedy_match(models, tok, n=50, first=20):
