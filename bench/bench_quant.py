@@ -21,6 +21,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import wyrd  # noqa: E402  (first: the thread policy must be in place when NumPy loads)
+from autograd import cross_entropy  # noqa: E402
 import numpy as np  # noqa: E402
 import quant  # noqa: E402
 import corpus  # noqa: E402
@@ -55,10 +56,10 @@ def decoded_loss(model, rows, batch, n):
         x, y, m = rows.batch(list(range(i, min(i + batch, n, len(rows)))))
         state = model.init_state(len(x))
         for t in range(x.shape[1]):
-            z = model.step(x[:, t:t + 1], state).astype(np.float64)
-            top = z.max(axis=1)
-            nll = top + np.log(np.exp(z - top[:, None]).sum(axis=1)) - z[np.arange(len(z)), y[:, t]]
-            total, count = total + float((nll * m[:, t]).sum()), count + float(m[:, t].sum())
+            logits = wyrd.Tensor(model.step(x[:, t:t + 1], state).astype(np.float64))
+            if m[:, t].any():  # cross_entropy is the mean over unmasked rows
+                total += float(cross_entropy(logits, y[:, t], m[:, t]).data) * float(m[:, t].sum())
+                count += float(m[:, t].sum())
     return total / count
 
 
