@@ -418,14 +418,21 @@ N_PARTIAL = 16  # row chunks for per-channel gradient sums (one partial row each
 @njit(parallel=True, cache=True, fastmath=FAST)
 def rmsnorm_forward_kernel(x, w, eps, y, r):
     """Rows of x [N, D]: r = 1/sqrt(mean(x^2) + eps), y = x r w."""
-    N, D = x.shape
-    for i in prange(N):
-        ss = x[i, 0] * x[i, 0]
-        for j in range(1, D):
-            ss += x[i, j] * x[i, j]
-        r[i] = 1.0 / np.sqrt(ss / D + eps)
-        for j in range(D):
-            y[i, j] = x[i, j] * r[i] * w[j]
+    for i in prange(x.shape[0]):
+        rmsnorm_row(x[i], w, eps, y[i], r[i:i + 1])
+
+
+@njit(cache=True, fastmath=FAST)
+def rmsnorm_row(x, w, eps, y, r):
+    """One row x [D]: r[0] = 1/sqrt(mean(x^2) + eps), y = x r w. quant.py normalises a
+    decoded token's rows with it on one thread (a parallel loop costs more than a row)."""
+    ss = x[0] * x[0]
+    for j in range(1, x.size):
+        ss += x[j] * x[j]
+    r[0] = 1.0 / np.sqrt(ss / x.size + eps)
+    rr = r[0]  # in x's precision, as the product below has always been
+    for j in range(x.size):
+        y[j] = x[j] * rr * w[j]
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)

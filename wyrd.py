@@ -616,6 +616,7 @@ class Chimera(Module):
             raise ValueError(f"init must be 'wyrd', 'reference' or None, got {init!r}")
         self.config, self.dtype = config, np.dtype(dtype)
         self.quantized = None  # "int8" after quantize()
+        self.int8_blocks = None  # then the arrays of its one-token kernels (_gather_blocks)
         rng = None if init is None else np.random.default_rng(seed)
         dt = self.dtype.type
         self.embed_tokens = Embedding(config.vocab_size, config.d_model, rng, dt)
@@ -702,8 +703,9 @@ class Chimera(Module):
     def step(self, ids, state):
         """Consume ids [B, n] (a prompt chunk or one token) and return the next-token
         logits [B, V] as a NumPy array, advancing `state` in place."""
-        n = np.size(ids)
-        if self.quantized and np.shape(ids)[1:] == (1,) and n <= quant.MATVEC_ROWS:
+        ids = np.asarray(ids)
+        n = ids.size
+        if self.quantized and ids.ndim == 2 and ids.shape[1] == 1 and 0 < n <= quant.MATVEC_ROWS:
             return self._decode_int8(ids, state)
         serial = quant.MATVEC_ROWS < n <= SERIAL_ROWS_INT8 if self.quantized else n <= SERIAL_ROWS
         with no_grad(), serial_kernels(serial):
@@ -712,27 +714,46 @@ class Chimera(Module):
 
     def _decode_int8(self, ids, state):
         """step for one token per sequence of an int8 model: the maths of hidden() and
-        the head, with each block's mix and FFN one Numba call (quant.py's last
-        section), not ~25 ops dispatched from Python (for medium, ~1.3 ms of overhead
-        a token instead of ~2.8, against ~9 ms of reading the weights)."""
+        the head in a Numba call per block (quant.py's last section), not ~25 ops each
+        dispatched from Python. After reading ~250 MB of weights a token the caches hold
+        none of Python's own code and data, so every line of Python here costs ~10x
+        what it costs in a loop: the blocks' arrays are gathered once (_gather_blocks)."""
         cfg, eps = self.config, np.float32(self.config.rms_norm_eps)
-        cos, sin = (a[0] for a in rope_angles([state.pos], cfg.head_dim, cfg.rope_theta, np.float32))
-        with no_grad():
-            x = self.embed_tokens(self._check_ids(ids)).data[:, 0].copy()          # [B, d]
-            for layer, cache in zip(self.layers, state.layers):
-                mix, norm1 = layer.temporal_mix, layer.norm1.weight.data
-                if isinstance(mix, LocalAttention):
-                    qkv, o = mix.q_proj.group[0].matrix, mix.o_proj
-                    quant.attention_token(x, cache["k"], cache["v"], state.pos, cos, sin, norm1,
-                                          qkv.q, qkv.scale, o.q, o.scale, cfg.n_heads, eps)
-                else:
-                    m, o = mix.input_proj.group[0].matrix, mix.output_proj
-                    quant.recurrent_token(x, cache["h"], norm1, m.q, m.scale, m.bias, mix.lambda_param.data,
-                                          mix.c, mix.norm.weight.data, o.q, o.scale, eps)
-                w13, w2 = layer.ffn.w1.group[0].matrix, layer.ffn.w2
-                quant.ffn_token(x, layer.norm2.weight.data, w13.q, w13.scale, w2.q, w2.scale, eps)
-            state.pos += 1
-            return self._head(self.norm(Tensor(x))).data
+        flat = ids.ravel()
+        if ids.dtype.kind not in "iu" or not 0 <= min(flat.tolist()) <= max(flat.tolist()) < cfg.vocab_size:
+            self._check_ids(ids)                                      # says what is wrong
+        x = quant.embed_token(flat, *self.int8_blocks[0])                 # [B, d]
+        for (attention, mix, ffn), cache in zip(self.int8_blocks[1:-1], state.layers):
+            if attention:
+                quant.attention_token(x, cache["k"], cache["v"], state.pos, cfg.rope_theta, *mix, cfg.n_heads, eps)
+            else:
+                quant.recurrent_token(x, cache["h"], *mix, eps)
+            quant.ffn_token(x, *ffn, eps)
+        state.pos += 1
+        return quant.head_token(x, *self.int8_blocks[-1], eps)
+
+    def _gather_blocks(self):
+        """The arrays _decode_int8 passes to each kernel: the embedding's; per layer
+        (is attention, the mix's, the FFN's); the head's. The RG-LRU's c log a is
+        rglru_decay's, computed once (an int8 model never trains) and in float64:
+        sigmoid(lambda) is within 1e-4 of 1."""
+        table = self.embed_tokens.table
+        head = table if self.config.tie_word_embeddings else self.lm_head
+        blocks = [(table.q, table.scale)]
+        for layer in self.layers:
+            mix, ffn, norm1 = layer.temporal_mix, layer.ffn, layer.norm1.weight.data
+            if isinstance(mix, LocalAttention):
+                qkv = mix.q_proj.group[0].matrix
+                mix_arrays = (norm1, qkv.q, qkv.scale, mix.o_proj.q, mix.o_proj.scale)
+            else:
+                m, lam = mix.input_proj.group[0].matrix, mix.lambda_param.data.astype(np.float64)
+                c_log_a = (mix.c * np.log(1 / (1 + np.exp(-lam)) + 1e-8)).astype(np.float32)
+                mix_arrays = (norm1, m.q, m.scale, m.bias, c_log_a, mix.norm.weight.data,
+                              mix.output_proj.q, mix.output_proj.scale)
+            w13 = ffn.w1.group[0].matrix
+            blocks.append((isinstance(mix, LocalAttention), mix_arrays,
+                           (layer.norm2.weight.data, w13.q, w13.scale, ffn.w2.q, ffn.w2.scale)))
+        return tuple(blocks) + ((self.norm.weight.data, head.q, head.scale),)  # a tuple: not a list of Modules
 
     # -- parameters -----------------------------------------------------------
     def num_params(self):
@@ -987,4 +1008,6 @@ def _fill(model, read, quantize=None):
     for name, p in model.named_parameters():
         for start, block in blocks(name, p.shape):
             p.data[start:start + len(block)] = block
+    if quantize == "int8":
+        model.int8_blocks = model._gather_blocks()
     return bad_values
