@@ -319,6 +319,35 @@ def test_load_int8_never_holds_the_float_model(tmp_path):
 # general path
 
 
+def test_exp_is_within_5e_7_of_numpy_and_keeps_its_limits():
+    """quant._exp (the block kernels' vectorisable e^z) against float64 np.exp."""
+    z = np.concatenate([np.linspace(-87.3, 88.3, 200_001), [0.0, -1e-30, 1e-30]]).astype(np.float32)
+    got, want = quant._exp(z), np.exp(z.astype(np.float64))
+    assert np.abs(got / want - 1).max() < 5e-7
+    edges = np.float32([-87.4, -1000, -np.inf, 88.5, 1000, np.inf, np.nan])
+    got = quant._exp(edges.reshape(1, -1))                           # any shape
+    assert got.shape == (1, 7)
+    assert np.array_equal(got[0, :6], [0, 0, 0, np.inf, np.inf, np.inf]) and np.isnan(got[0, 6])
+
+
+def test_embed_and_head_token_match_numpy():
+    rng = np.random.default_rng(0)
+    V, d = 50, 70
+    q, scale, w = int8_twin(rng, V, d)
+    ids = np.array([3, 0, 49])
+    x = quant.embed_token(ids, q, scale)
+    assert close(x, w[ids])
+    norm = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    assert close(quant.head_token(x, norm, q, scale, np.float32(1e-6)), rms_twin(w[ids], norm) @ w.T)
+
+
+def test_int8_one_token_step_rejects_bad_ids(nano):
+    qm = wyrd.quantize(nano)
+    for ids, says in (([[-1]], "must lie in"), ([[512]], "must lie in"), ([[1.0]], "integer array")):
+        with pytest.raises(ValueError, match=says):
+            qm.step(np.array(ids), qm.init_state(1))
+
+
 def rms_twin(x, w, eps=1e-6):
     return x / np.sqrt((x * x).mean(axis=-1, keepdims=True) + eps) * w
 
