@@ -226,28 +226,41 @@ def _linear(q, scale, bias, x):
     """x W^T + b through matvec_kernel, on every core; bias of size 0 for none."""
     y = np.empty((x.shape[0], q.shape[0]), np.float32)
     matvec_kernel(q, scale, x, y)
-    if bias.size:
-        y += bias
+    for b in range(y.shape[0] if bias.size else 0):
+        for o in range(y.shape[1]):
+            y[b, o] += bias[o]
     return y
 
 
 @njit(cache=True, fastmath=FAST)
-def _exp(z):
-    """e^z of a float32 array in loops LLVM vectorises (libm's exp is a call per
-    element, ~10x slower): e^z = 2^k e^r with k = rint(z / ln 2), |r| <= ln 2 / 2,
-    e^r a degree-6 Taylor polynomial (error 1.2e-7) and 2^k made from its exponent
-    bits. Relative error < 5e-7; 0 below z = -87.3 (2^-126), inf above ~88.4."""
-    zf = z.reshape(-1)
+def _add_linear(x, q, scale, inp):
+    """x += inp W^T: a block's residual add."""
+    y = _linear(q, scale, np.zeros(0, np.float32), inp)
+    for b in range(x.shape[0]):
+        for o in range(x.shape[1]):
+            x[b, o] += y[b, o]
+
+
+@njit(cache=True, fastmath=FAST)
+def _exp(z, c):
+    """e^(c z) of a float32 array, c float32, in loops LLVM vectorises (libm's exp is
+    a call per element, ~6x slower): e^x = 2^k e^r with k = rint(x / ln 2), |r| <=
+    ln 2 / 2, e^r a degree-6 Taylor polynomial (error 1.2e-7) and 2^k made from its
+    exponent bits. Relative error < 5e-7; 0 below x = -87.3 (2^-126), inf above ~88.4."""
+    zf = np.ascontiguousarray(z).reshape(-1)                         # (a copy only if z is a strided view)
     p, bits = np.empty(zf.size, np.float32), np.empty(zf.size, np.int32)
     for i in range(zf.size):
-        x = min(max(zf[i], np.float32(-87.3)), np.float32(88.7)) if zf[i] == zf[i] else zf[i]  # NaN stays
-        k = np.rint(x * np.float32(1.4426950408889634))
-        r = x - k * np.float32(0.6931471805599453)
+        x = c * zf[i]
+        xc = min(max(x, np.float32(-87.3)), np.float32(88.7)) if x == x else x  # NaN stays NaN
+        k = np.rint(xc * np.float32(1.4426950408889634))
+        r = xc - k * np.float32(0.6931471805599453)
         e_r = np.float32(1) + r * (np.float32(1) + r * (np.float32(1 / 2) + r * (np.float32(1 / 6) + r * (
             np.float32(1 / 24) + r * (np.float32(1 / 120) + r * np.float32(1 / 720))))))
-        p[i] = np.float32(0) if zf[i] < np.float32(-87.3) else e_r
+        p[i] = np.float32(0) if x < np.float32(-87.3) else e_r
         bits[i] = (np.int32(k) + 127) << 23  # the float32 2^k, k in [-126, 128] (128: inf)
-    p *= bits.view(np.float32)
+    two_k = bits.view(np.float32)
+    for i in range(zf.size):
+        p[i] *= two_k[i]
     return p.reshape(z.shape)
 
 
@@ -260,17 +273,17 @@ def recurrent_token(x, h, norm1, q, scale, bias, c_log_a, norm_h, q_out, scale_o
     these compile to half the machine code, and each MB of it is ~10 MB of a chat's memory.)"""
     B, d = x.shape
     y = _linear(q, scale, bias, _rmsnorm(x, norm1, eps))            # [B, 3d]: xp, i, r
-    e = _exp(-y[:, d:])                                              # e^-i, e^-r
+    e = _exp(y[:, d:], np.float32(-1))                              # e^-i, e^-r
     a = np.empty((B, d), np.float32)
     for b in range(B):
         for j in range(d):
             a[b, j] = c_log_a[j] / (np.float32(1) + e[b, d + j])    # sigmoid(z) = 1 / (1 + e^-z)
-    a = _exp(a)
+    a = _exp(a, np.float32(1))
     for b in range(B):
         for j in range(d):
             gated = y[b, j] / (np.float32(1) + e[b, j])
             h[b, j] = a[b, j] * h[b, j] + np.sqrt(np.float32(1 + 1e-6) - a[b, j] * a[b, j]) * gated
-    x += _linear(q_out, scale_out, np.zeros(0, np.float32), _rmsnorm(h, norm_h, eps))
+    _add_linear(x, q_out, scale_out, _rmsnorm(h, norm_h, eps))
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -289,11 +302,11 @@ def _attend(qh, k_ring, v_ring, n, out):
             dot = np.float32(0)
             for e in range(D):
                 dot += qh[b, hd, e] * k_ring[b, kh, j, e]
-            p[j] = dot * scale
+            p[j] = dot
         top = p.max()
         for j in range(n):
             p[j] -= top
-        p = _exp(p)
+        p = _exp(p, scale)                                             # e^((q k - max) / sqrt(D))
         acc = np.zeros(D, np.float32)
         for j in range(n):
             for e in range(D):
@@ -324,7 +337,7 @@ def attention_token(x, k_ring, v_ring, pos, theta, norm1, q, scale, q_out, scale
                 k_ring[b, kv, pos % W, e], v_ring[b, kv, pos % W, e] = qkv[b, H + kv, e], qkv[b, H + KV + kv, e]
     o = np.empty((B, H, D), np.float32)
     _attend(qkv[:, :H].copy(), k_ring, v_ring, min(pos + 1, W), o)
-    x += _linear(q_out, scale_out, np.zeros(0, np.float32), o.reshape(B, H * D))
+    _add_linear(x, q_out, scale_out, o.reshape(B, H * D))
 
 
 @njit(cache=True, fastmath=FAST)
@@ -332,12 +345,12 @@ def ffn_token(x, norm2, q13, scale13, q2, scale2, eps):
     """x += w2(silu(w1 n) * (w3 n)), n = norm2(x), with [w1; w3] one matrix."""
     B, f = x.shape[0], q2.shape[1]
     g = _linear(q13, scale13, np.zeros(0, np.float32), _rmsnorm(x, norm2, eps))   # [B, 2f]
-    e = _exp(-g[:, :f])
+    e = _exp(g[:, :f], np.float32(-1))
     s = np.empty((B, f), np.float32)
     for b in range(B):
         for j in range(f):
             s[b, j] = g[b, j] / (np.float32(1) + e[b, j]) * g[b, f + j]    # silu(z) = z sigmoid(z)
-    x += _linear(q2, scale2, np.zeros(0, np.float32), s)
+    _add_linear(x, q2, scale2, s)
 
 
 @njit(cache=True, fastmath=FAST)

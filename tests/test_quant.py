@@ -322,10 +322,12 @@ def test_load_int8_never_holds_the_float_model(tmp_path):
 def test_exp_is_within_5e_7_of_numpy_and_keeps_its_limits():
     """quant._exp (the block kernels' vectorisable e^z) against float64 np.exp."""
     z = np.concatenate([np.linspace(-87.3, 88.3, 200_001), [0.0, -1e-30, 1e-30]]).astype(np.float32)
-    got, want = quant._exp(z), np.exp(z.astype(np.float64))
+    got, want = quant._exp(z, np.float32(1)), np.exp(z.astype(np.float64))
     assert np.abs(got / want - 1).max() < 5e-7
+    assert np.array_equal(quant._exp(-z / 2, np.float32(-2)), got)  # e^(c z)
     edges = np.float32([-87.4, -1000, -np.inf, 88.5, 1000, np.inf, np.nan])
-    got = quant._exp(edges.reshape(1, -1))                           # any shape
+    strided = np.repeat(edges, 2).reshape(1, 14)[:, ::2]               # a [1, 7] view, every other float
+    got = quant._exp(strided, np.float32(1))
     assert got.shape == (1, 7)
     assert np.array_equal(got[0, :6], [0, 0, 0, np.inf, np.inf, np.inf]) and np.isnan(got[0, 6])
 
