@@ -705,6 +705,8 @@ class Chimera(Module):
         logits [B, V] as a NumPy array, advancing `state` in place."""
         ids = np.asarray(ids)
         n = ids.size
+        if ids.ndim and len(ids) != state.batch_size:  # (the int8 kernels would write past h)
+            raise ValueError(f"token ids have {len(ids)} rows but the state holds {state.batch_size} sequences")
         if self.quantized and ids.ndim == 2 and ids.shape[1] == 1 and 0 < n <= quant.MATVEC_ROWS:
             return self._decode_int8(ids, state)
         serial = quant.MATVEC_ROWS < n <= SERIAL_ROWS_INT8 if self.quantized else n <= SERIAL_ROWS
@@ -735,8 +737,8 @@ class Chimera(Module):
     def _gather_blocks(self):
         """The arrays _decode_int8 passes to each kernel: the embedding's; per layer
         (is attention, the mix's, the FFN's); the head's. The RG-LRU's c log a is
-        rglru_decay's, computed once (an int8 model never trains) and in float64:
-        sigmoid(lambda) is within 1e-4 of 1."""
+        rglru_decay's, computed once (an int8 model never trains) and in float64, as
+        sigmoid(lambda) can be within 1e-4 of 1 (rglru_decay's float32 differs by ~1e-5)."""
         table = self.embed_tokens.table
         head = table if self.config.tie_word_embeddings else self.lm_head
         blocks = [(table.q, table.scale)]
@@ -769,6 +771,8 @@ class Chimera(Module):
             raise ValueError("load_state_dict: " + problem)
         for n, p in self.named_parameters():
             p.data[...] = np.asarray(state[n], dtype=self.dtype)
+        if self.quantized:  # c log a is derived from lambda_param
+            self.int8_blocks = self._gather_blocks()
 
     def state_mismatch(self, shapes):
         """What is wrong with a state of these name -> shape, or "" when it fits."""
@@ -797,7 +801,7 @@ class DecodeState:
     the number of tokens consumed (the absolute position of the next one)."""
 
     def __init__(self, cfg, batch_size, dtype):
-        self.pos = 0
+        self.pos, self.batch_size = 0, batch_size
         self.layers = []
         for i in range(cfg.n_layers):
             if cfg.is_attention(i):
@@ -808,7 +812,7 @@ class DecodeState:
 
     def copy(self):
         new = object.__new__(DecodeState)
-        new.pos = self.pos
+        new.pos, new.batch_size = self.pos, self.batch_size
         new.layers = [{k: (None if a is None else a.copy()) for k, a in layer.items()} for layer in self.layers]
         return new
 
