@@ -364,9 +364,7 @@ def ffn_token(x, norm2, q13, scale13, q2, scale2, eps):
 def embed_token(ids, q, scale):
     """x [B, d] = the dequantised embedding rows of ids [B]."""
     x = np.empty((ids.size, q.shape[1]), np.float32)
-    for b in range(ids.size):
-        for j in range(q.shape[1]):
-            x[b, j] = scale[ids[b], j // GROUP] * np.float32(q[ids[b], j])
+    dequantize_kernel(q[ids], scale[ids], x)
     return x
 
 
