@@ -324,6 +324,18 @@ def test_quantize_int8_replies_from_the_int8_model(babbler_file, capsys):
     assert r.returncode == 2 and "--quantize: invalid choice: 'int4'" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_chat_process_never_imports_scipy():
+    """runtime.py marks SciPy absent in chat.py: where SciPy is installed, Numba's first
+    compile imports scipy.linalg (16 MB of a chat process) for jitted np.dot, which no
+    Wyrd kernel has. The same probe as train.py shows that it would be imported."""
+    import importlib.util
+    probe = ("import sys; sys.argv[0] = {!r}; import runtime, numba; numba.njit(lambda x: x + 1)(1); "
+             "print('scipy.linalg' in sys.modules)")
+    seen = {name: subprocess.run([sys.executable, "-c", probe.format(name)], capture_output=True, text=True,
+                                 cwd=ROOT, timeout=120).stdout.strip() for name in ("chat.py", "train.py")}
+    assert seen == {"chat.py": "False", "train.py": str(importlib.util.find_spec("scipy") is not None)}
+
+
 def test_serve_on_a_bad_port_or_host_says_so_in_one_line(babbler_file):
     import socket
     taken = socket.socket()
