@@ -63,21 +63,27 @@ def weight_bytes(model):
     return sum(p.data.nbytes for p in model.parameters()) + int8
 
 
-def int8_matvec_gbps(n=64, rows=4096, cols=1024):
+def int8_matvec_gbps(float32_gbps, rounds=4, n=64, rows=4096, cols=1024):
     """The int8 kernel's own matrix-vector rate in GB/s of weights and scales read: n
     matrices of a model's row length (the input vector stays in L1), 285 MB in all (past
-    the 32 MB L3), one after another as a decoded token reads them."""
+    the 32 MB L3), one after another as a decoded token reads them. Each round is paired
+    with float32_gbps() measured just before it: -> [(int8 GB/s, float32 GB/s)]."""
     import quant
     rng = np.random.default_rng(0)
     mats = [quant.Int8Linear(rng.integers(-127, 128, (rows, cols), dtype=np.int8),
                              rng.random((rows, cols // quant.GROUP), dtype=np.float32)) for _ in range(n)]
     x = wyrd.Tensor(rng.standard_normal((1, cols), dtype=np.float32))
+    nbytes = sum(m.q.nbytes + m.scale.nbytes for m in mats)
 
     def all_of_them():
         for m in mats:
             m(x)
+    pairs = []
     with wyrd.no_grad():
-        return sum(m.q.nbytes + m.scale.nbytes for m in mats) / best_of(all_of_them, repeat=10) / 1e9
+        for _ in range(rounds):
+            f32 = float32_gbps()
+            pairs.append((nbytes / best_of(all_of_them, repeat=5) / 1e9, f32))
+    return pairs
 
 
 def decode_rate(preset, contexts, rounds, tokens, quantize):
@@ -116,7 +122,7 @@ def decode_rate(preset, contexts, rounds, tokens, quantize):
                 times.append(time.perf_counter() - t)
             pairs.append((1 / float(np.median(times)), gbps[-1]))  # the median token: robust to a stall
         results[ctx] = (ttft, pairs)
-    kernel = [int8_matvec_gbps()] if quantize else []
+    kernel = int8_matvec_gbps(matvec_now) if quantize else []
     print(json.dumps({"gbps": gbps, "kernel_gbps": kernel, "bytes": weight_bytes(model), "results": results}))
 
 
@@ -143,8 +149,11 @@ def decode_side_by_side(runs=3):
             for ctx, (ttft, pairs) in r["results"].items():
                 ttfts[name, int(ctx)] = min(ttfts.get((name, int(ctx)), np.inf), ttft)
                 rates.setdefault((name, int(ctx)), []).extend(pairs)
+    kernel = np.array(kernel_gbps)  # (int8 kernel GB/s, float32 matvec GB/s measured just before)
     print(f"machine: {os.cpu_count()} cores, float32 matvec {min(gbps):.1f}-{max(gbps):.1f} GB/s "
-          f"(median {np.median(gbps):.1f}), int8 kernel matvec {min(kernel_gbps):.1f}-{max(kernel_gbps):.1f} GB/s; "
+          f"(median {np.median(gbps):.1f}), int8 kernel matvec {kernel[:, 0].min():.1f}-{kernel[:, 0].max():.1f} GB/s "
+          f"(back to back with float32's: {np.median(kernel[:, 0] / kernel[:, 1]):.2f}x, "
+          f"{(kernel[:, 0] / kernel[:, 1]).min():.2f}-{(kernel[:, 0] / kernel[:, 1]).max():.2f}x); "
           f"{runs} alternating runs each, {len(rates['int8', 64])} rounds of 16 tokens a context")
     for ctx in sorted({c for _, c in rates}):
         for name in ("float32", "int8"):
@@ -156,7 +165,7 @@ def decode_side_by_side(runs=3):
                   f"{nbytes[name] / 1e6:.0f} MB a token); round by round {paired * 100:5.1f}% "
                   f"(median {np.median(pairs[:, 0]):.1f} tok/s)")
         f_rate, q_rate = (np.array(rates[n, ctx])[:, 0] for n in ("float32", "int8"))
-        kernel_bound = max(kernel_gbps) * 1e9 / nbytes["int8"]
+        kernel_bound = kernel[:, 0].max() * 1e9 / nbytes["int8"]
         print(f"decode medium int8    context {ctx:5d}: {q_rate.max() / kernel_bound * 100:5.1f}% of the "
               f"{kernel_bound:5.1f} tok/s the int8 kernel's own matvec rate allows")
         print(f"decode medium int8 / float32 context {ctx:5d}: {q_rate.max() / f_rate.max():.2f}x the tokens/s "
