@@ -19,9 +19,11 @@ class CheckpointError(ValueError):
 
 
 DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-          "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1")}
+          "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+          "I8": np.dtype("i1")}
 DTYPE_NAMES = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16",
-               np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8"}
+               np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8",
+               np.dtype("i1"): "I8"}
 MAX_HEADER = 100 * 1024 * 1024
 
 

@@ -774,13 +774,17 @@ class Chimera(Module):
         if self.quantized:  # c log a is derived from lambda_param
             self.int8_blocks = self._gather_blocks()
 
-    def state_mismatch(self, shapes):
-        """What is wrong with a state of these name -> shape, or "" when it fits."""
-        params = dict(self.named_parameters())
+    def state_mismatch(self, shapes, int8_file=False):
+        """What is wrong with a state of these name -> shape, or "" when it fits;
+        int8_file: as save(dtype="int8") stores it, a `.weight_scale` beside each matrix."""
+        params = {n: p.shape for n, p in self.named_parameters()}
+        for name, _ in _int8_named_matrices(self) if int8_file else ():
+            rows, cols = params[name + ".weight"]
+            params[name + ".weight_scale"] = (rows, -(-cols // quant.GROUP))
         missing = sorted(set(params) - set(shapes))
         unexpected = sorted(set(shapes) - set(params))
-        wrong = [f"{n}: expected {params[n].shape}, got {tuple(shapes[n])}"
-                 for n in sorted(set(params) & set(shapes)) if tuple(shapes[n]) != params[n].shape]
+        wrong = [f"{n}: expected {params[n]}, got {tuple(shapes[n])}"
+                 for n in sorted(set(params) & set(shapes)) if tuple(shapes[n]) != params[n]]
         parts = []
         if missing:
             parts.append(f"missing {len(missing)}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
@@ -850,18 +854,30 @@ def serial_kernels(on=True):
 def save(path, model, tokenizer=None, dtype="f32", **meta):
     """One self-describing file: the weights under the spec's names (a tied lm_head
     is not stored), the config and the tokenizer as JSON strings in __metadata__.
-    dtype="bf16" halves the file (standard BF16 tensors; `load` gives float32 back)."""
-    if dtype not in ("f32", "bf16"):
-        raise ValueError(f"dtype must be 'f32' or 'bf16', got {dtype!r}")
-    if model.quantized:  # its state_dict lacks the matrices: the file would not load
-        raise ValueError(f"{path}: this model has {model.quantized} weights, which checkpoints do not store; "
-                         "save the float model (and quantize when loading)")
+    dtype="bf16" halves the file (standard BF16 tensors; `load` gives float32 back).
+    dtype="int8" stores an int8 model (a float one is quantised as it is saved) in a
+    quarter of float32's bytes, for `load(path, quantize="int8")`: each matrix's int8
+    rows as `<name>.weight` (I8) and its scales as `<name>.weight_scale` (F32, one per
+    64 inputs: quant.py), every other parameter as F32, and __metadata__['quantization']."""
+    if dtype not in ("f32", "bf16", "int8"):
+        raise ValueError(f"dtype must be 'f32', 'bf16' or 'int8', got {dtype!r}")
+    if model.quantized and dtype != "int8":
+        raise ValueError(f"{path}: this model has {model.quantized} weights: save it with dtype='int8', "
+                         "or save the float model")
     metadata = {"format": "wyrd", "config": json.dumps(model.config.to_dict())}
     if tokenizer is not None:
         metadata["tokenizer"] = tokenizer.to_json()
     if meta:
         metadata["meta"] = json.dumps(meta)
-    write_safetensors(path, model.state_dict(), metadata, bf16=dtype == "bf16")
+    if dtype == "int8":
+        metadata["quantization"] = json.dumps(INT8_FILE)
+        model = model if model.quantized else quantize(model)
+    tensors = model.state_dict()                                        # an int8 model's: its float parameters
+    for name, m in _int8_named_matrices(model) if dtype == "int8" else ():
+        tensors[name + ".weight"], tensors[name + ".weight_scale"] = m.q, m.scale
+        if m.bias is not None:
+            tensors[name + ".bias"] = m.bias
+    write_safetensors(path, tensors, metadata, bf16=dtype == "bf16")
 
 
 def _config_of(path, metadata):
@@ -882,15 +898,22 @@ def load(path, dtype=np.float32, quantize=None):
     """-> (model, tokenizer or None, meta dict). The model is built in `dtype` whatever
     the file stores (float32 by default, also from a float64 or bf16 file).
     quantize="int8" gives the inference model of `quantize`, quantised as it is read:
-    the float32 model never exists in memory."""
+    the float32 model never exists in memory. An int8 file (save(dtype="int8")) needs
+    quantize="int8" and is read as stored."""
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     with SafetensorsFile(path) as f:
         config = _config_of(path, f.metadata)
+        int8_file = "quantization" in f.metadata
+        if int8_file:
+            _check_int8_file(path, f.metadata["quantization"], quantize)
         shapes = {name: shape for name, (_, _, shape, _) in f.tensors.items()}
-        not_float = [name for name, (_, dt, _, label) in f.tensors.items() if label != "BF16" and dt.kind != "f"]
+        labels = {name: label for name, (_, _, _, label) in f.tensors.items()}
+        not_float = [name for name, (_, dt, _, label) in f.tensors.items()
+                     if label != "BF16" and dt.kind != "f" and not (int8_file and label == "I8")]
         if not_float:
-            raise CheckpointError(f"{path}: weights must be floating point (F32, F16, BF16 or F64); "
+            raise CheckpointError(f"{path}: weights must be floating point (F32, F16, BF16 or F64"
+                                  f"{'; I8 in an int8 file' if int8_file else ''}); "
                                   f"{not_float[0]} is {f.tensors[not_float[0]][1]}")
         # before allocating: a header's config must not imply more weights than the file holds
         # (embedding + the FFNs alone are a lower bound), or n_layers=10**9 in a small file
@@ -900,15 +923,21 @@ def load(path, dtype=np.float32, quantize=None):
         if implied > stored:
             raise CheckpointError(f"{path}: the config implies at least {implied:,} weights but the file holds "
                                   f"{stored:,}: truncated, or the config does not belong to these tensors")
-        if config.tie_word_embeddings and "lm_head.weight" in shapes and "embed_tokens.weight" in shapes:
+        if config.tie_word_embeddings and "lm_head.weight" in shapes and "embed_tokens.weight" in shapes \
+                and not int8_file:
             if not np.array_equal(f.read("lm_head.weight"), f.read("embed_tokens.weight")):
                 raise CheckpointError(f"{path}: config ties lm_head to embed_tokens but lm_head.weight differs")
             del shapes["lm_head.weight"]  # a tied copy written by another tool
         model = Chimera(config, dtype=dtype, init=None)
-        problem = model.state_mismatch(shapes)
+        problem = model.state_mismatch(shapes, int8_file)
         if problem:
             raise CheckpointError(f"{path}: weights do not match the config: {problem}")
-        bad_values = _fill(model, f.read, quantize)
+        matrices = {name + ".weight" for name, _ in _int8_named_matrices(model)}
+        misfiled = [name for name in shapes if (labels[name] == "I8") != (name in matrices)] if int8_file else []
+        if misfiled:
+            raise CheckpointError(f"{path}: {misfiled[0]} is {labels[misfiled[0]]}, but an int8 file stores the "
+                                  "matrices' weights as I8 and everything else as floats")
+        bad_values = _fill(model, f.read, quantize, int8_file)
     if bad_values:  # loadable (to inspect it), but say so: it will produce NaN
         print(f"warning: {path}: {len(bad_values)} tensor(s) hold NaN or Inf values, e.g. {bad_values[0]}",
               file=sys.stderr)
@@ -967,17 +996,42 @@ def _int8_matrices(model):
                 yield owner, (a,), f"layers.{i}.{part}."
 
 
+def _int8_named_matrices(model):
+    """(spec name without ".weight", its module) of each matrix int8 quantisation
+    replaces: for a quantised model the Int8Linear."""
+    for owner, attrs, prefix in _int8_matrices(model):
+        for a in attrs:
+            m = getattr(owner, a)
+            yield prefix + a, getattr(m, "table", m)  # an Int8Embedding holds its Int8Linear as .table
+
+
 def int8_linears(model):
     """The Int8Linear of every int8 matrix of a quantised model (none for a float one)."""
-    for owner, attrs, _ in _int8_matrices(model) if model.quantized else ():
-        for m in (getattr(owner, a) for a in attrs):
-            yield getattr(m, "table", m)  # an Int8Embedding holds its Int8Linear as .table
+    return [m for _, m in _int8_named_matrices(model)] if model.quantized else []
 
 
-def _fill(model, read, quantize=None):
-    """Fill a Chimera(init=None) from read(name, start, stop) -> float rows, a block
-    at a time, so loading holds no second copy of the model; quantize="int8" replaces
-    each matrix by its int8 form as it is read. -> names of tensors holding NaN/Inf."""
+# How an int8 file says what it holds (__metadata__['quantization']); load reads no other
+INT8_FILE = {"method": "int8", "group": quant.GROUP}
+
+
+def _check_int8_file(path, text, quantize):
+    try:
+        given = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        given = None
+    if given != INT8_FILE:
+        raise CheckpointError(f"{path}: __metadata__['quantization'] is {text[:80]!r}; "
+                              f"Wyrd reads int8 files of {json.dumps(INT8_FILE)}")
+    if quantize != "int8":
+        raise CheckpointError(f"{path} holds int8 weights, which only decode: load it with quantize='int8' "
+                              "(chat.py --quantize int8)")
+
+
+def _fill(model, read, quantize=None, int8_file=False):
+    """Fill a Chimera(init=None) from read(name, start, stop) -> rows, a block at a
+    time, so loading holds no second copy of the model; quantize="int8" replaces each
+    matrix by its int8 form as it is read (int8_file: read as stored, with its
+    scales). -> names of tensors holding NaN/Inf."""
     bad_values = []
 
     def blocks(name, shape):  # (first row, float rows) of about 256 KB
@@ -999,8 +1053,15 @@ def _fill(model, read, quantize=None):
             matrix = quant.Int8Linear.empty(ends[-1], parts[0].weight.shape[1],
                                             np.zeros(ends[-1], np.float32) if any(biased) else None)
             for a, m, (start, stop), has in zip(attrs, parts, bounds, biased):
-                for row, block in blocks(prefix + a + ".weight", m.weight.shape):
-                    matrix.set_rows(start + row, block)
+                name = prefix + a + ".weight"
+                if int8_file:
+                    for row, q in blocks(name, m.weight.shape):
+                        matrix.q[start + row:start + row + len(q)] = q
+                    for row, scale in blocks(name + "_scale", matrix.scale[start:stop].shape):
+                        matrix.scale[start + row:start + row + len(scale)] = scale
+                else:
+                    for row, block in blocks(name, m.weight.shape):
+                        matrix.set_rows(start + row, block)
                 for row, block in blocks(prefix + a + ".bias", (stop - start,)) if has else ():
                     matrix.bias[start + row:start + row + len(block)] = block
             if len(parts) > 1:

@@ -8,6 +8,7 @@ utilisation = 6 x parameters x tokens/s / (float32 matmul FLOP/s measured in the
 decode bound = matrix-vector GB/s / bytes of weights read per token (float32: 4 per
     weight; int8: 1 per weight + a float32 scale per 64 + the float32 norms and vectors)
 load memory = peak resident size added by wyrd.load of a medium checkpoint / the file's size
+    (a float32 file, and the int8 file of the same weights: wyrd.save(dtype="int8"))
 chat memory = peak resident size of a `chat.py --prompt` process on a medium checkpoint
 
 Decoding is measured in processes of their own under chat.py's thread policy
@@ -187,7 +188,8 @@ def load_memory(path, quantize):
     took = time.perf_counter() - t
     added = peak_rss() - before
     size = os.path.getsize(path)
-    print(f"load medium {quantize or 'float32':7s}: {size / 1e9:.2f} GB file in {took:.1f} s, "
+    source = "int8 file" if path.endswith(".int8.safetensors") else "float32 file"
+    print(f"load medium {quantize or 'float32':7s} from the {source:12s}: {size / 1e9:.2f} GB in {took:.1f} s, "
           f"peak RSS added {added / 1e9:.2f} GB = {added / size:.2f}x the file")
 
 
@@ -204,23 +206,28 @@ def make_medium(path):
     config = get_config("medium")
     tok = Tokenizer.train(texts, vocab_size=config.vocab_size)
     assert tok.vocab_size == config.vocab_size, tok
-    wyrd.save(path, Chimera(config, init="reference"), tok)
+    model = Chimera(config, init="reference")
+    wyrd.save(path, model, tok)
+    wyrd.save(path.replace(".safetensors", ".int8.safetensors"), model, tok, dtype="int8")
 
 
-def chat_memory(path):
-    """Peak resident size of `chat.py --prompt ...` on a medium checkpoint, float32 and int8."""
+def chat_memory(path, int8_path):
+    """Peak resident size of `chat.py --prompt ...` on a medium checkpoint: float32, and
+    int8 from the float file and from the int8 file."""
     peak = {}
-    for quantize in ("float32", "int8"):
-        cmd = [sys.executable, os.path.join(ROOT, "chat.py"), "--checkpoint", path, "--prompt", "Tell me a story.",
-               "--max-tokens", "32", "--temperature", "0"] + (["--quantize", "int8"] if quantize == "int8" else [])
+    for name, file, quantize in (("float32", path, []), ("int8", path, ["--quantize", "int8"]),
+                                 ("int8 from the int8 file", int8_path, ["--quantize", "int8"])):
+        cmd = [sys.executable, os.path.join(ROOT, "chat.py"), "--checkpoint", file, "--prompt", "Tell me a story.",
+               "--max-tokens", "32", "--temperature", "0", *quantize]
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=GIVEN_ENV)
         _, status, usage = os.wait4(proc.pid, 0)
         assert status == 0, f"{cmd} failed"
-        peak[quantize] = usage.ru_maxrss * 1024
-        print(f"chat medium {quantize:7s}: peak RSS {peak[quantize] / 1e9:.3f} GB "
+        peak[name] = usage.ru_maxrss * 1024
+        print(f"chat medium {name}: peak RSS {peak[name] / 1e9:.3f} GB "
               f"(load, a 32-token reply and exit in {time.perf_counter() - t:.1f} s)")
-    print(f"chat medium int8 / float32 peak RSS: {peak['int8'] / peak['float32'] * 100:.1f}%")
+    print(f"chat medium int8 / float32 peak RSS: {peak['int8'] / peak['float32'] * 100:.1f}% "
+          f"(from the int8 file: {peak['int8 from the int8 file'] / peak['float32'] * 100:.1f}%)")
 
 
 if __name__ == "__main__":
@@ -244,13 +251,13 @@ if __name__ == "__main__":
     if args.only in (None, "load", "chat"):
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "medium.safetensors")
+            path, int8_path = os.path.join(tmp, "medium.safetensors"), os.path.join(tmp, "medium.int8.safetensors")
             subprocess.run([sys.executable, __file__, "--make-medium", path], check=True)
             if args.only in (None, "load"):
-                for quantize in ("", "int8"):
-                    subprocess.run([sys.executable, __file__, "--load-child", path, quantize], check=True)
+                for file, quantize in ((path, ""), (path, "int8"), (int8_path, "int8")):
+                    subprocess.run([sys.executable, __file__, "--load-child", file, quantize], check=True)
             if args.only in (None, "chat"):
-                chat_memory(path)
+                chat_memory(path, int8_path)
     if args.only in (None, "decode"):
         decode_side_by_side()
     if args.only in ("load", "chat", "decode"):

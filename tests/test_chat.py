@@ -324,6 +324,19 @@ def test_quantize_int8_replies_from_the_int8_model(babbler_file, capsys):
     assert r.returncode == 2 and "--quantize: invalid choice: 'int4'" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_an_int8_file_chats_as_the_float_file_quantised(babbler_file, tmp_path):
+    model, tok, _ = wyrd.load(babbler_file)
+    int8_file = str(tmp_path / "int8.safetensors")
+    wyrd.save(int8_file, model, tok, dtype="int8")
+    args = ["--prompt", "Hello!", "--max-tokens", "12", "--temperature", "0", "--quantize", "int8"]
+    from_float = run_chat(["--checkpoint", babbler_file, *args])
+    from_int8 = run_chat(["--checkpoint", int8_file, *args])
+    assert from_int8.returncode == 0 and from_int8.stdout == from_float.stdout and from_float.stdout.strip()
+    r = run_chat(["--checkpoint", int8_file, "--prompt", "Hello!"])   # without --quantize int8
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "holds int8 weights" in r.stderr and "chat.py --quantize int8" in r.stderr
+
+
 def test_a_chat_process_never_imports_scipy():
     """runtime.py marks SciPy absent in chat.py: where SciPy is installed, Numba's first
     compile imports scipy.linalg (16 MB of a chat process) for jitted np.dot, which no

@@ -714,7 +714,7 @@ def test_save_bf16_halves_the_file_and_loads_as_float32(nano, tok, tmp_path):
     for name, p in model.named_parameters():
         expected = (bf16_nearest_even(nano.state_dict()[name]).astype(np.uint32) << 16).view(np.float32)
         assert p.dtype == np.float32 and np.array_equal(p.data, expected), name
-    with pytest.raises(ValueError, match="dtype must be 'f32' or 'bf16'"):
+    with pytest.raises(ValueError, match="dtype must be 'f32', 'bf16' or 'int8'"):
         wyrd.save(str(tmp_path / "x.safetensors"), nano, tok, dtype="f16")
 
 

@@ -1,5 +1,6 @@
 """int8 inference (quant.py): the kernels against plain NumPy twins, the quantisation
 error bound, and int8 models against float32 ones."""
+import json
 import os
 import subprocess
 import sys
@@ -283,8 +284,9 @@ def test_int8_models_refuse_to_train_or_be_saved(nano, tmp_path):
         assert np.isfinite(qm.loss(ids[:, :-1], ids[:, 1:]).data)
     with pytest.raises(ValueError, match="int8 weights, for inference only"):
         train.train(qm, None, [], [], train.PRETRAIN, str(tmp_path / "x.safetensors"), "pretrain", "k")
-    with pytest.raises(ValueError, match="int8 weights, which checkpoints do not store"):
-        wyrd.save(str(tmp_path / "x.safetensors"), qm)
+    for dtype in ("f32", "bf16"):
+        with pytest.raises(ValueError, match="this model has int8 weights: save it with dtype='int8'"):
+            wyrd.save(str(tmp_path / "x.safetensors"), qm, dtype=dtype)
     assert not os.listdir(tmp_path)
 
 
@@ -311,6 +313,131 @@ def test_load_int8_never_holds_the_float_model(tmp_path):
                                    check=True).stdout) for q in ("int8", "")}
     assert added[""] > 0.9 * size, (added, size)  # the measure sees a float32 model
     assert added["int8"] < 0.4 * size, (added, size)
+
+
+# ---------------------------------------------------------------------------
+# int8 files: save(dtype="int8") and load(quantize="int8")
+
+
+def untied_model():
+    cfg = ChimeraConfig(vocab_size=40, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, sliding_window=4,
+                        max_seq_len=32, attention_every_n=2, tie_word_embeddings=False)
+    return Chimera(cfg, seed=5, init="reference")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_int8_file_loads_the_model_quantize_makes(nano, tied, tmp_path):
+    model = nano if tied else untied_model()
+    qm = wyrd.quantize(model)
+    a, b = tmp_path / "from_float.safetensors", tmp_path / "from_int8.safetensors"
+    wyrd.save(str(a), model, dtype="int8")       # quantised as it is saved
+    wyrd.save(str(b), qm, dtype="int8")
+    assert a.read_bytes() == b.read_bytes()
+    loaded, _, _ = wyrd.load(str(a), quantize="int8")
+    assert loaded.quantized == "int8"
+    for (name, m), (_, m2) in zip(wyrd._int8_named_matrices(loaded), wyrd._int8_named_matrices(qm)):
+        assert np.array_equal(m.q, m2.q) and np.array_equal(m.scale, m2.scale), name
+        assert (m.bias is None) == (m2.bias is None) and (m.bias is None or np.array_equal(m.bias, m2.bias)), name
+    for (name, p), (_, p2) in zip(loaded.named_parameters(), qm.named_parameters()):
+        assert np.array_equal(p.data, p2.data), name
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 12))
+    s1, s2 = loaded.init_state(2), qm.init_state(2)
+    x1, x2 = loaded.step(ids, s1), qm.step(ids, s2)
+    for _ in range(6):                              # the chunk, then one-token steps (the block kernels)
+        assert np.array_equal(x1, x2)
+        tok = x1.argmax(-1)[:, None]
+        x1, x2 = loaded.step(tok, s1), qm.step(tok, s2)
+
+
+def test_an_int8_file_stores_int8_rows_and_float32_scales(nano, tmp_path):
+    path = tmp_path / "int8.safetensors"
+    wyrd.save(str(path), nano, dtype="int8")
+    tensors, meta = wyrd.read_safetensors(str(path))
+    assert json.loads(meta["quantization"]) == {"method": "int8", "group": 64}
+    params = nano.state_dict()
+    matrices = {name for name, _ in wyrd._int8_named_matrices(nano)}
+    assert "embed_tokens" in matrices and "layers.0.temporal_mix.input_gate_proj" in matrices
+    assert set(tensors) == set(params) | {m + ".weight_scale" for m in matrices}
+    for name, arr in tensors.items():
+        matrix = name.endswith(".weight") and name[:-7] in matrices
+        if matrix:
+            w = params[name]
+            assert arr.dtype == np.int8 and np.abs(arr).max() == 127, name
+            assert np.abs(dequantize_twin(arr, tensors[name + "_scale"]) - w).max() <= \
+                tensors[name + "_scale"].max() / 2 * (1 + 1e-6), name
+        elif name.endswith(".weight_scale"):
+            assert arr.dtype == np.float32 and arr.shape == (params[name[:-6]].shape[0], -(-params[name[:-6]].shape[1] // GROUP))
+        else:
+            assert arr.dtype == np.float32 and np.array_equal(arr, params[name]), name
+    # a quarter of float32's bytes, and a scale's 4 bytes per 64 weights
+    weights = sum(params[m + ".weight"].size for m in matrices)
+    others = sum(a.size for n, a in params.items() if n[:-7] not in matrices or not n.endswith(".weight"))
+    assert sum(a.nbytes for a in tensors.values()) == weights + 4 * (
+        others + sum(tensors[m + ".weight_scale"].size for m in matrices))
+
+
+def rewrite(src, dst, change):
+    """A copy of the safetensors file src with change(tensors, metadata) applied."""
+    tensors, meta = wyrd.read_safetensors(str(src))
+    change(tensors, meta)
+    wyrd.write_safetensors(str(dst), tensors, meta)
+    return str(dst)
+
+
+def test_a_bad_int8_file_is_refused_in_one_line(nano, tmp_path):
+    good = tmp_path / "good.safetensors"
+    wyrd.save(str(good), nano, dtype="int8")
+    scale = "layers.1.ffn.w2.weight_scale"
+
+    def group32(t, m):
+        m["quantization"] = '{"method": "int8", "group": 32}'
+
+    def float_matrix(t, m):
+        t["layers.0.ffn.w1.weight"] = t["layers.0.ffn.w1.weight"].astype(np.float32)
+
+    def int8_norm(t, m):
+        t["norm.weight"] = t["norm.weight"].astype(np.int8)
+
+    def short_scale(t, m):
+        t[scale] = t[scale][:, :-1]
+
+    def no_scale(t, m):
+        del t[scale]
+
+    def no_marker(t, m):  # an int8 file that does not say so reads as a float file
+        del m["quantization"]
+
+    cases = [(group32, 'Wyrd reads int8 files of {"method": "int8", "group": 64}'),
+             (float_matrix, "layers.0.ffn.w1.weight is F32, but an int8 file stores the matrices' weights as I8"),
+             (int8_norm, "norm.weight is I8, but an int8 file stores"),
+             (short_scale, f"wrong shape: {scale}: expected (64, 4), got (64, 3)"),
+             (no_scale, f"missing 1: {scale}"),
+             (no_marker, "weights must be floating point")]
+    for change, says in cases:
+        path = rewrite(good, tmp_path / f"{change.__name__}.safetensors", change)
+        with pytest.raises(wyrd.CheckpointError) as e:
+            wyrd.load(path, quantize="int8")
+        assert says in str(e.value) and "\n" not in str(e.value), (change.__name__, str(e.value))
+    with pytest.raises(wyrd.CheckpointError, match="holds int8 weights, which only decode: load it with "
+                                                   "quantize='int8' \\(chat.py --quantize int8\\)"):
+        wyrd.load(str(good))                     # training or float32 decoding would need the float file
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[:-1000])                 # a copy cut short
+    with pytest.raises(wyrd.CheckpointError, match="fall outside the .*data section \\(file truncated\\?\\)"):
+        wyrd.load(str(cut), quantize="int8")
+
+
+def test_an_int8_file_opens_in_safetensors(nano, tmp_path):
+    safetensors = pytest.importorskip("safetensors")  # only this cross-check needs it
+    path = tmp_path / "int8.safetensors"
+    wyrd.save(str(path), nano, dtype="int8")
+    ours, _ = wyrd.read_safetensors(str(path))
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        assert set(f.keys()) == set(ours)
+        for name in f.keys():
+            arr = f.get_tensor(name)
+            assert arr.dtype == ours[name].dtype and np.array_equal(arr, ours[name]), name
 
 
 # ---------------------------------------------------------------------------
