@@ -801,6 +801,9 @@ def main(argv=None):
             return 130 if repl.say(args.prompt) else 0
         repl.run()
         return 0
+    except MemoryError:  # e.g. a config whose sliding_window needs a decoding state of terabytes
+        raise SystemExit(f"error: {args.checkpoint}: the model and its decoding state need more memory than "
+                         "this machine has") from None
     except KeyboardInterrupt:  # outside a reply (a reply handles its own Ctrl-C)
         print(file=sys.stderr)
         return 130

@@ -17,7 +17,7 @@ import sys
 # thread for each costs ~50 us. Its threads spin briefly: medium 77 -> 125 tok/s.
 DECODING = os.path.basename(sys.argv[0]) in ("chat.py", "bench_chat.py")
 INT8_DECODING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}
-if DECODING and any(a.startswith("--quantize") for a in sys.argv):
+if DECODING and any(a.startswith("--q") for a in sys.argv):  # argparse also takes --quant, --q=int8
     for k, v in INT8_DECODING.items():
         os.environ.setdefault(k, v)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -427,7 +427,7 @@ def train_tokenizer(texts, vocab_size):
 def load_tokenizer(path):
     """A tokenizer.json, or the tokenizer inside a Wyrd checkpoint."""
     if path.endswith(".safetensors"):
-        tok = wyrd.load(path)[1]
+        tok = wyrd.read_tokenizer(path)
         if tok is None:
             raise wyrd.CheckpointError(f"{path}: this checkpoint holds no tokenizer")
         return tok

@@ -894,6 +894,21 @@ def read_config(path):
     return _config_of(path, read_safetensors(path, data=False)[1])
 
 
+def _tokenizer_of(path, metadata):
+    if "tokenizer" not in metadata:
+        return None
+    from tokenizer import Tokenizer, TokenizerError
+    try:
+        return Tokenizer.from_json(metadata["tokenizer"], source=f"{path} __metadata__['tokenizer']")
+    except TokenizerError as e:
+        raise CheckpointError(f"{path}: bad tokenizer in __metadata__: {e}") from None
+
+
+def read_tokenizer(path):
+    """The tokenizer of a checkpoint (None if it holds none), from its header alone."""
+    return _tokenizer_of(path, read_safetensors(path, data=False)[1])
+
+
 def load(path, dtype=np.float32, quantize=None):
     """-> (model, tokenizer or None, meta dict). The model is built in `dtype` whatever
     the file stores (float32 by default, also from a float64 or bf16 file).
@@ -933,21 +948,19 @@ def load(path, dtype=np.float32, quantize=None):
         if problem:
             raise CheckpointError(f"{path}: weights do not match the config: {problem}")
         matrices = {name + ".weight" for name, _ in _int8_named_matrices(model)}
-        misfiled = [name for name in shapes if (labels[name] == "I8") != (name in matrices)] if int8_file else []
+        misfiled = [name for name in shapes if (labels[name] == "I8") != (name in matrices)
+                    or name.endswith(".weight_scale") and labels[name] != "F32"] if int8_file else []
         if misfiled:
             raise CheckpointError(f"{path}: {misfiled[0]} is {labels[misfiled[0]]}, but an int8 file stores the "
-                                  "matrices' weights as I8 and everything else as floats")
-        bad_values = _fill(model, f.read, quantize, int8_file)
+                                  "matrices' weights as I8, their scales as F32 and everything else as floats")
+        try:
+            bad_values = _fill(model, f.read, quantize, int8_file)
+        except ValueError as e:  # values an int8 file never holds
+            raise CheckpointError(f"{path}: {e}") from None
     if bad_values:  # loadable (to inspect it), but say so: it will produce NaN
         print(f"warning: {path}: {len(bad_values)} tensor(s) hold NaN or Inf values, e.g. {bad_values[0]}",
               file=sys.stderr)
-    tokenizer = None
-    if "tokenizer" in f.metadata:
-        from tokenizer import Tokenizer, TokenizerError
-        try:
-            tokenizer = Tokenizer.from_json(f.metadata["tokenizer"], source=f"{path} __metadata__['tokenizer']")
-        except TokenizerError as e:
-            raise CheckpointError(f"{path}: bad tokenizer in __metadata__: {e}") from None
+    tokenizer = _tokenizer_of(path, f.metadata)
     try:
         meta = json.loads(f.metadata.get("meta", "{}"))
     except (json.JSONDecodeError, RecursionError) as e:
@@ -965,6 +978,8 @@ def load(path, dtype=np.float32, quantize=None):
 def quantize(model):
     """-> an int8 inference copy of a float model (whose weights are left as they are).
     Its `step`, `__call__` and `loss` work under autograd.no_grad(); it cannot train."""
+    if model.quantized:
+        raise ValueError(f"this model is already {model.quantized}")
     state = model.state_dict()
     qmodel = Chimera(model.config, dtype=np.float32, init=None)
     bad_values = _fill(qmodel, lambda name, start=0, stop=None: state[name][start:stop], "int8")
@@ -1024,7 +1039,7 @@ def _check_int8_file(path, text, quantize):
                               f"Wyrd reads int8 files of {json.dumps(INT8_FILE)}")
     if quantize != "int8":
         raise CheckpointError(f"{path} holds int8 weights, which only decode: load it with quantize='int8' "
-                              "(chat.py --quantize int8)")
+                              "(chat.py --quantize int8); to train, use the float checkpoint")
 
 
 def _fill(model, read, quantize=None, int8_file=False):
@@ -1034,12 +1049,15 @@ def _fill(model, read, quantize=None, int8_file=False):
     scales). -> names of tensors holding NaN/Inf."""
     bad_values = []
 
-    def blocks(name, shape):  # (first row, float rows) of about 256 KB
+    def blocks(name, shape):  # (first row, rows) of about 256 KB; floats as the model's dtype
         step = max(1, (1 << 16) // max(1, math.prod(shape[1:])))
         for start in range(0, shape[0], step):
             block = read(name, start, start + step)
-            if not np.isfinite(block).all() and name not in bad_values:
-                bad_values.append(name)
+            if block.dtype.kind == "f":
+                with np.errstate(over="ignore"):  # an F64 1e300 becomes inf here, and is reported as such
+                    block = block.astype(model.dtype, copy=False)
+                if not np.isfinite(block).all() and name not in bad_values:
+                    bad_values.append(name)
             yield start, block
 
     if quantize == "int8":
@@ -1054,10 +1072,14 @@ def _fill(model, read, quantize=None, int8_file=False):
                                             np.zeros(ends[-1], np.float32) if any(biased) else None)
             for a, m, (start, stop), has in zip(attrs, parts, bounds, biased):
                 name = prefix + a + ".weight"
-                if int8_file:
+                if int8_file:  # as save(dtype="int8") writes them: q in [-127, 127], scales >= 0
                     for row, q in blocks(name, m.weight.shape):
+                        if q.size and q.min() < -127:
+                            raise ValueError(f"{name} holds -128; int8 weights are in [-127, 127]")
                         matrix.q[start + row:start + row + len(q)] = q
                     for row, scale in blocks(name + "_scale", matrix.scale[start:stop].shape):
+                        if (scale < 0).any():
+                            raise ValueError(f"{name}_scale holds negative scales")
                         matrix.scale[start + row:start + row + len(scale)] = scale
                 else:
                     for row, block in blocks(name, m.weight.shape):

@@ -335,6 +335,33 @@ def test_an_int8_file_chats_as_the_float_file_quantised(babbler_file, tmp_path):
     r = run_chat(["--checkpoint", int8_file, "--prompt", "Hello!"])   # without --quantize int8
     assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "holds int8 weights" in r.stderr and "chat.py --quantize int8" in r.stderr
+    piped = run_chat(["--checkpoint", int8_file, "--quant", "int8", "--max-tokens", "5"], "Hi\nHello\n")
+    assert piped.returncode == 0 and piped.stdout.count("\n") == 2 and not piped.stderr
+
+
+def test_int8_decoding_threads_spin_under_any_spelling_of_quantize():
+    """runtime.py gives `chat.py --quantize int8` spinning Numba threads (medium 77 -> 125
+    tok/s); argparse also takes --quant int8 and --q=int8, and so must the policy."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    probe = "import sys; sys.argv = ['chat.py', *sys.argv[1:]]; import os, runtime; print(os.environ['OMP_WAIT_POLICY'])"
+    for args, policy in [(["--quantize", "int8"], "ACTIVE"), (["--quant", "int8"], "ACTIVE"), (["--q=int8"], "ACTIVE"),
+                         (["--prompt", "hi"], "PASSIVE")]:
+        r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, cwd=ROOT, env=env)
+        assert r.stdout.strip() == policy, (args, r.stdout, r.stderr)
+
+
+def test_a_model_too_large_for_memory_says_so_in_one_line(tok, tmp_path):
+    model = nano(tok)
+    path = str(tmp_path / "wide.safetensors")
+    wyrd.save(path, model, tok)
+    tensors, meta = wyrd.read_safetensors(path)
+    config = json.loads(meta["config"])
+    config["sliding_window"] = 10 ** 12             # a decoding state of ~2 PB
+    meta["config"] = json.dumps(config)
+    wyrd.write_safetensors(path, tensors, meta)
+    r = run_chat(["--checkpoint", path, "--prompt", "Hi"])
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "need more memory than this machine has" in r.stderr
 
 
 def test_a_chat_process_never_imports_scipy():

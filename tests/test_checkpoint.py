@@ -1,6 +1,7 @@
 """Tests of the checkpoint format (safetensors), the config and the parameter
 names and counts of the spec (the Chimera spec, spec/chimera.md)."""
 import json
+import warnings
 import math
 import os
 import pickle
@@ -499,6 +500,14 @@ def test_nan_weights_load_with_a_warning(nano, tmp_path, capsys):
     wyrd.save(str(tmp_path / "ok.safetensors"), nano)
     wyrd.load(str(tmp_path / "ok.safetensors"))
     assert "NaN" not in capsys.readouterr().err
+    # an F64 value past float32's range is inf once loaded: reported as one
+    tensors = {name: a.astype(np.float64) for name, a in nano_tensors(nano).items()}
+    tensors["norm.weight"][3] = 1e300
+    path = _write_model_file(tmp_path / "big.safetensors", tensors, {"config": json.dumps(nano.config.to_dict())})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # and NumPy's own overflow warning stays quiet
+        model = wyrd.load(str(path))[0]
+    assert model.norm.weight.data[3] == np.inf and "NaN or Inf" in capsys.readouterr().err
 
 
 def test_deeply_nested_json_in_a_header_or_its_metadata_is_a_checkpoint_error(nano, tmp_path):

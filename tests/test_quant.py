@@ -284,6 +284,8 @@ def test_int8_models_refuse_to_train_or_be_saved(nano, tmp_path):
         assert np.isfinite(qm.loss(ids[:, :-1], ids[:, 1:]).data)
     with pytest.raises(ValueError, match="int8 weights, for inference only"):
         train.train(qm, None, [], [], train.PRETRAIN, str(tmp_path / "x.safetensors"), "pretrain", "k")
+    with pytest.raises(ValueError, match="this model is already int8"):
+        wyrd.quantize(qm)
     for dtype in ("f32", "bf16"):
         with pytest.raises(ValueError, match="this model has int8 weights: save it with dtype='int8'"):
             wyrd.save(str(tmp_path / "x.safetensors"), qm, dtype=dtype)
@@ -407,12 +409,24 @@ def test_a_bad_int8_file_is_refused_in_one_line(nano, tmp_path):
     def no_marker(t, m):  # an int8 file that does not say so reads as a float file
         del m["quantization"]
 
+    def f16_scale(t, m):
+        t[scale] = t[scale].astype(np.float16)
+
+    def minus_128(t, m):
+        t["layers.2.temporal_mix.v_proj.weight"][5, 7] = -128
+
+    def negative_scale(t, m):
+        t[scale][3, 1] = -t[scale][3, 1]
+
     cases = [(group32, 'Wyrd reads int8 files of {"method": "int8", "group": 64}'),
              (float_matrix, "layers.0.ffn.w1.weight is F32, but an int8 file stores the matrices' weights as I8"),
              (int8_norm, "norm.weight is I8, but an int8 file stores"),
              (short_scale, f"wrong shape: {scale}: expected (64, 4), got (64, 3)"),
              (no_scale, f"missing 1: {scale}"),
-             (no_marker, "weights must be floating point")]
+             (no_marker, "weights must be floating point"),
+             (f16_scale, f"{scale} is F16, but an int8 file stores the matrices' weights as I8, their scales as F32"),
+             (minus_128, "layers.2.temporal_mix.v_proj.weight holds -128; int8 weights are in [-127, 127]"),
+             (negative_scale, f"{scale} holds negative scales")]
     for change, says in cases:
         path = rewrite(good, tmp_path / f"{change.__name__}.safetensors", change)
         with pytest.raises(wyrd.CheckpointError) as e:
@@ -426,6 +440,17 @@ def test_a_bad_int8_file_is_refused_in_one_line(nano, tmp_path):
     cut.write_bytes(data[:-1000])                 # a copy cut short
     with pytest.raises(wyrd.CheckpointError, match="fall outside the .*data section \\(file truncated\\?\\)"):
         wyrd.load(str(cut), quantize="int8")
+
+
+def test_an_int8_file_gives_its_tokenizer_to_training_but_not_its_weights(nano, tmp_path):
+    import train
+    from tokenizer import Tokenizer
+    tok = Tokenizer.train(["Once upon a time there was a dog."] * 4, vocab_size=300)
+    path = str(tmp_path / "int8.safetensors")
+    wyrd.save(path, nano, tok, dtype="int8")
+    assert train.load_tokenizer(path).to_json() == tok.to_json()   # --tokenizer reads only the header
+    with pytest.raises(wyrd.CheckpointError, match="holds int8 weights.*to train, use the float checkpoint"):
+        wyrd.load(path)
 
 
 def test_an_int8_file_opens_in_safetensors(nano, tmp_path):
