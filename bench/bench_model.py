@@ -151,10 +151,11 @@ def decode_side_by_side(runs=3):
                 ttfts[name, int(ctx)] = min(ttfts.get((name, int(ctx)), np.inf), ttft)
                 rates.setdefault((name, int(ctx)), []).extend(pairs)
     kernel = np.array(kernel_gbps)  # (int8 kernel GB/s, float32 matvec GB/s measured just before)
+    back_to_back = kernel[:, 0] / kernel[:, 1]
     print(f"machine: {os.cpu_count()} cores, float32 matvec {min(gbps):.1f}-{max(gbps):.1f} GB/s "
           f"(median {np.median(gbps):.1f}), int8 kernel matvec {kernel[:, 0].min():.1f}-{kernel[:, 0].max():.1f} GB/s "
-          f"(back to back with float32's: {np.median(kernel[:, 0] / kernel[:, 1]):.2f}x, "
-          f"{(kernel[:, 0] / kernel[:, 1]).min():.2f}-{(kernel[:, 0] / kernel[:, 1]).max():.2f}x); "
+          f"(back to back with float32's: {np.median(back_to_back):.2f}x, "
+          f"{back_to_back.min():.2f}-{back_to_back.max():.2f}x); "
           f"{runs} alternating runs each, {len(rates['int8', 64])} rounds of 16 tokens a context")
     for ctx in sorted({c for _, c in rates}):
         for name in ("float32", "int8"):
