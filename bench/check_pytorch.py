@@ -2,7 +2,7 @@
 
     pip install torch safetensors && python bench/check_pytorch.py
 
-Writes the spec's model a second time in PyTorch (straight from spec/chimera.md,
+Writes the model a second time in PyTorch (straight from docs/architecture.md,
 sharing no code with wyrd.py), then checks both directions:
   1. a Wyrd checkpoint loads into it with the `safetensors` library and strict
      load_state_dict, and its logits equal ours;
@@ -54,11 +54,21 @@ class RGLRU(nn.Module):
         log_a = torch.log(torch.sigmoid(self.lambda_param) + 1e-8)
         a = torch.exp(self.c * r * log_a)
         u = torch.sqrt(1 - a * a + 1e-6) * (i * xp)
-        h, hs = self.h0[:, 0].expand(x.shape[0], -1), []
-        for t in range(x.shape[1]):  # the plain loop: clarity over speed
-            h = a[:, t] * h + u[:, t]
-            hs.append(h)
-        return self.output_proj(self.norm(torch.stack(hs, 1)))
+        return self.output_proj(self.norm(parallel_scan(a, u, self.h0[:, 0])))
+
+
+def parallel_scan(a, u, h0):
+    """h_t = a_t h_{t-1} + u_t, h_{-1} = h0, as a PyTorch user writes it without a loop
+    over time: fold h0 into u_0, then Hillis-Steele doubling, log2(T) elementwise passes.
+    After the pass with offset k, (A_t, h_t) compose the last 2k steps ending at t:
+    h_t += A_t h_{t-k}, A_t *= A_{t-k}."""
+    h = torch.cat([u[:, :1] + a[:, :1] * h0[:, None], u[:, 1:]], 1)
+    A, k = a, 1
+    while k < a.shape[1]:
+        h = torch.cat([h[:, :k], h[:, k:] + A[:, k:] * h[:, :-k]], 1)
+        A = torch.cat([A[:, :k], A[:, k:] * A[:, :-k]], 1)
+        k *= 2
+    return h
 
 
 class Attention(nn.Module):
