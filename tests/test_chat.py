@@ -1,15 +1,13 @@
 """chat.py: the sampler on hand-made logits, generation and the conversation's
-state bookkeeping, the REPL driven as a user would (pipes and a terminal), and
-the web chat on loopback. The models are nano ones with random weights."""
+state bookkeeping, the REPL driven as a user would (pipes and a terminal). The
+models are nano ones with random weights; test_web.py tests the web chat."""
 import dataclasses
-import http.client
 import json
 import os
 import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -492,144 +490,3 @@ def test_sigint_through_a_pipe_stops_only_the_reply(babbler_file, tmp_path):
     assert p.returncode == 0 and b"[stopped]" in err
     messages = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
-
-
-# ---------------------------------------------------------------------------
-# The web chat on loopback
-
-@pytest.fixture
-def server(tok):
-    srv = chat.ChatServer(("127.0.0.1", 0), babbler(tok), tok, sampling.Settings(temperature=0, max_tokens=6))
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-
-
-def post(srv, path, body, cookie=None, content_type="application/json", headers=None):
-    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    h = {"Content-Type": content_type, **({"Cookie": cookie} if cookie else {}), **(headers or {})}
-    conn.request("POST", path, data, h)
-    r = conn.getresponse()
-    out = r.status, r.read(), r.getheader("Set-Cookie")
-    conn.close()
-    return out
-
-
-def ask(srv, text, cookie=None):
-    status, body, set_cookie = post(srv, "/api/chat", {"message": text}, cookie)
-    assert status == 200, body
-    lines = [json.loads(line) for line in body.decode().splitlines()]
-    assert lines[-1] == {"done": True}
-    return "".join(m.get("text", "") for m in lines), set_cookie.split(";")[0]
-
-
-def test_web_page_and_streamed_replies_per_session(server, tok):
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
-    conn.request("GET", "/app.js")
-    r = conn.getresponse()
-    assert r.status == 200 and b"/api/chat" in r.read()
-    conn.close()
-    reply, cookie = ask(server, "Hello!")
-    again, cookie2 = ask(server, "And then?", cookie)
-    assert cookie2 == cookie and len(server.sessions) == 1
-    sid = cookie.split("=")[1]
-    assert [m["content"] for m in server.sessions[sid].conv.messages[1:]] == ["Hello!", reply, "And then?", again]
-    other, cookie3 = ask(server, "Hello!")                        # a new browser: a new conversation
-    assert cookie3 != cookie and other == reply
-    assert post(server, "/api/reset", {}, cookie)[0] == 200
-    assert len(server.sessions[sid].conv.messages) == 1
-
-
-
-def test_web_answers_only_its_own_host_names(server, capfd):
-    port = server.server_address[1]
-    for host, status in [("evil.example", 421), (f"evil.example:{port}", 421), (f"localhost:{port}", 200),
-                         (f"127.0.0.1:{port}", 200), ("[::1]", 200)]:
-        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
-        conn.request("GET", "/", headers={"Host": host})
-        assert conn.getresponse().status == status, host
-        conn.close()
-    assert post(server, "/api/chat", {"message": "hi"}, headers={"Host": "evil.example"})[0] == 421
-    capfd.readouterr()
-    for error in (BrokenPipeError(), ConnectionResetError()):   # a client that left: nothing in the log
-        try:
-            raise error
-        except OSError:
-            server.handle_error(None, ("127.0.0.1", 1))
-    assert capfd.readouterr().err == ""
-    try:
-        raise ValueError("a real bug")
-    except ValueError:
-        server.handle_error(None, ("127.0.0.1", 1))
-    assert "a real bug" in capfd.readouterr().err
-
-def test_web_rejects_bad_requests(server):
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
-    conn.putrequest("POST", "/api/chat")
-    conn.putheader("Content-Type", "application/json")
-    conn.putheader("Content-Length", str(10 ** 9))             # announced, never sent
-    conn.endheaders()
-    assert conn.getresponse().status == 413
-    conn.close()
-    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
-    conn.putrequest("POST", "/api/chat")
-    conn.putheader("Content-Type", "application/json")
-    conn.putheader("Content-Length", "-1")                      # would read until the client closes
-    conn.endheaders()
-    assert conn.getresponse().status == 400                     # at once, with the connection still open
-    conn.close()
-    assert post(server, "/api/chat", {"message": "x" * 100_000})[0] == 413
-    assert post(server, "/api/chat", {"message": "hi"}, content_type="text/plain")[0] == 415
-    assert post(server, "/api/chat", b"{not json")[0] == 400
-    assert post(server, "/api/chat", b"[" * 10_000 + b"]" * 10_000)[0] == 400     # nested too deeply
-    assert post(server, "/api/chat", {"text": "hi"})[0] == 400
-    # the page's settings are checked as the command line checks them
-    for settings, says in [({"temperature": "hot"}, b'temperature must be a number, got "hot"'),
-                           ({"top_k": 2.5}, b"top_k must be an integer, got 2.5"),
-                           ({"top_p": 0}, b"top_p must be in (0, 1] (1 = off), got 0.0"),
-                           ({"max_tokens": 0}, b"max_tokens must be an integer in [1, 1048576], got 0"),
-                           ({"seed": 1}, b"unknown setting 'seed'"), ([1], b"settings must be a JSON object")]:
-        status, body, _ = post(server, "/api/chat", {"message": "hi", "settings": settings})
-        assert status == 400 and body.startswith(says), body
-    assert post(server, "/api/reset", {"system": 5})[:2] == (400, b"system must be a string")
-    assert post(server, "/api/nothing", {})[0] == 404
-    _, cookie = ask(server, "Hello")
-    session = server.sessions[cookie.split("=")[1]]
-    with session.lock:                                             # a reply still being written
-        assert post(server, "/api/chat", {"message": "hi"}, cookie)[0] == 409
-    assert server.server_address[0] == "127.0.0.1"
-
-
-def test_concurrent_conversations_do_not_share_state(server, tok):
-    questions = ["Hello!", "Tell me a story.", "Thanks"]
-    replies, errors = {}, []
-
-    def user(name):
-        try:
-            cookie, said = None, []
-            for q in questions if name % 2 else questions[::-1]:
-                reply, cookie = ask(server, q, cookie)
-                said.append(reply)
-            replies[name] = (cookie, said)
-        except Exception as e:  # noqa: BLE001  (reported below)
-            errors.append(e)
-    threads = [threading.Thread(target=user, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors
-    # each conversation equals the same questions asked alone (greedy decoding)
-    for name, (cookie, said) in replies.items():
-        alone = chat.Conversation(babbler(tok), tok)
-        expect = [alone.reply(q, server.settings, np.random.default_rng(0))
-                  for q in (questions if name % 2 else questions[::-1])]
-        assert said == expect
-        state = server.sessions[cookie.split("=")[1]].conv.state
-        assert state.pos == alone.state.pos
-        for a, b in zip(state.layers, alone.state.layers):
-            for key in a:
-                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)

@@ -1,6 +1,7 @@
-"""The web chat in a real browser: headless Chromium driven by selenium against
-chat.py's server on 127.0.0.1, with a nano model built here. Chromium and its
-driver are Debian packages (.ci/run installs them); without them this fails."""
+"""web.py's chat server, with a nano model built here: in a real browser
+(headless Chromium driven by selenium against 127.0.0.1), then on loopback with
+http.client alone. Chromium and its driver are Debian packages (.ci/run installs
+them); without them the browser tests fail."""
 import http.client
 import json
 import os
@@ -19,7 +20,8 @@ import pytest  # noqa: E402
 
 import chat  # noqa: E402
 import sampling  # noqa: E402
-from test_chat import TEXTS, babbler  # noqa: E402  (the nano model that never ends a reply)
+import web  # noqa: E402
+from test_chat import ROOT, TEXTS, babbler  # noqa: E402  (the nano model that never ends a reply)
 from tokenizer import Tokenizer  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -32,7 +34,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def server(tok):
-    srv = chat.ChatServer(("127.0.0.1", 0), babbler(tok), tok, sampling.Settings(temperature=0, max_tokens=40))
+    srv = web.ChatServer(("127.0.0.1", 0), babbler(tok), tok, sampling.Settings(temperature=0, max_tokens=40))
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield srv
     srv.shutdown()
@@ -206,7 +208,7 @@ def test_phone_width_keyboard_and_a_server_that_is_gone(browser, server, tok):
     finally:
         browser.set_window_size(1000, 800)
     # the server goes away: the page says so
-    gone = chat.ChatServer(("127.0.0.1", 0), server.model.model, tok, sampling.Settings(max_tokens=3))
+    gone = web.ChatServer(("127.0.0.1", 0), server.model.model, tok, sampling.Settings(max_tokens=3))
     threading.Thread(target=gone.serve_forever, daemon=True).start()
     open_page(browser, gone)
     gone.shutdown()
@@ -218,7 +220,7 @@ def test_phone_width_keyboard_and_a_server_that_is_gone(browser, server, tok):
 
 
 def test_the_page_runs_only_its_own_script():
-    srv = chat.ChatServer(("127.0.0.1", 0), None, Tokenizer.train(TEXTS, vocab_size=300), sampling.Settings())
+    srv = web.ChatServer(("127.0.0.1", 0), None, Tokenizer.train(TEXTS, vocab_size=300), sampling.Settings())
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
         conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=10)
@@ -235,3 +237,169 @@ def test_the_page_runs_only_its_own_script():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# ---------------------------------------------------------------------------
+# The server on loopback, without a browser
+
+
+@pytest.fixture
+def new_server(tok):
+    """A server of its own for each test, so each starts with no sessions."""
+    srv = web.ChatServer(("127.0.0.1", 0), babbler(tok), tok, sampling.Settings(temperature=0, max_tokens=6))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(srv, path, body, cookie=None, content_type="application/json", headers=None):
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    h = {"Content-Type": content_type, **({"Cookie": cookie} if cookie else {}), **(headers or {})}
+    conn.request("POST", path, data, h)
+    r = conn.getresponse()
+    out = r.status, r.read(), r.getheader("Set-Cookie")
+    conn.close()
+    return out
+
+
+def ask(srv, text, cookie=None):
+    status, body, set_cookie = post(srv, "/api/chat", {"message": text}, cookie)
+    assert status == 200, body
+    lines = [json.loads(line) for line in body.decode().splitlines()]
+    assert lines[-1] == {"done": True}
+    return "".join(m.get("text", "") for m in lines), set_cookie.split(";")[0]
+
+
+def test_web_page_and_streamed_replies_per_session(new_server, tok):
+    conn = http.client.HTTPConnection(*new_server.server_address[:2], timeout=30)
+    conn.request("GET", "/app.js")
+    r = conn.getresponse()
+    assert r.status == 200 and b"/api/chat" in r.read()
+    conn.close()
+    reply, cookie = ask(new_server, "Hello!")
+    again, cookie2 = ask(new_server, "And then?", cookie)
+    assert cookie2 == cookie and len(new_server.sessions) == 1
+    sid = cookie.split("=")[1]
+    assert [m["content"] for m in new_server.sessions[sid].conv.messages[1:]] == ["Hello!", reply, "And then?", again]
+    other, cookie3 = ask(new_server, "Hello!")                        # a new browser: a new conversation
+    assert cookie3 != cookie and other == reply
+    assert post(new_server, "/api/reset", {}, cookie)[0] == 200
+    assert len(new_server.sessions[sid].conv.messages) == 1
+
+
+def test_web_answers_only_its_own_host_names(new_server, capfd):
+    port = new_server.server_address[1]
+    for host, status in [("evil.example", 421), (f"evil.example:{port}", 421), (f"localhost:{port}", 200),
+                         (f"127.0.0.1:{port}", 200), ("[::1]", 200)]:
+        conn = http.client.HTTPConnection(*new_server.server_address[:2], timeout=30)
+        conn.request("GET", "/", headers={"Host": host})
+        assert conn.getresponse().status == status, host
+        conn.close()
+    assert post(new_server, "/api/chat", {"message": "hi"}, headers={"Host": "evil.example"})[0] == 421
+    capfd.readouterr()
+    for error in (BrokenPipeError(), ConnectionResetError()):   # a client that left: nothing in the log
+        try:
+            raise error
+        except OSError:
+            new_server.handle_error(None, ("127.0.0.1", 1))
+    assert capfd.readouterr().err == ""
+    try:
+        raise ValueError("a real bug")
+    except ValueError:
+        new_server.handle_error(None, ("127.0.0.1", 1))
+    assert "a real bug" in capfd.readouterr().err
+
+
+def test_web_rejects_bad_requests(new_server):
+    conn = http.client.HTTPConnection(*new_server.server_address[:2], timeout=30)
+    conn.putrequest("POST", "/api/chat")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(10 ** 9))             # announced, never sent
+    conn.endheaders()
+    assert conn.getresponse().status == 413
+    conn.close()
+    conn = http.client.HTTPConnection(*new_server.server_address[:2], timeout=10)
+    conn.putrequest("POST", "/api/chat")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", "-1")                      # would read until the client closes
+    conn.endheaders()
+    assert conn.getresponse().status == 400                     # at once, with the connection still open
+    conn.close()
+    assert post(new_server, "/api/chat", {"message": "x" * 100_000})[0] == 413
+    assert post(new_server, "/api/chat", {"message": "hi"}, content_type="text/plain")[0] == 415
+    assert post(new_server, "/api/chat", b"{not json")[0] == 400
+    assert post(new_server, "/api/chat", b"[" * 10_000 + b"]" * 10_000)[0] == 400     # nested too deeply
+    assert post(new_server, "/api/chat", {"text": "hi"})[0] == 400
+    # the page's settings are checked as the command line checks them
+    for settings, says in [({"temperature": "hot"}, b'temperature must be a number, got "hot"'),
+                           ({"top_k": 2.5}, b"top_k must be an integer, got 2.5"),
+                           ({"top_p": 0}, b"top_p must be in (0, 1] (1 = off), got 0.0"),
+                           ({"max_tokens": 0}, b"max_tokens must be an integer in [1, 1048576], got 0"),
+                           ({"seed": 1}, b"unknown setting 'seed'"), ([1], b"settings must be a JSON object")]:
+        status, body, _ = post(new_server, "/api/chat", {"message": "hi", "settings": settings})
+        assert status == 400 and body.startswith(says), body
+    assert post(new_server, "/api/reset", {"system": 5})[:2] == (400, b"system must be a string")
+    assert post(new_server, "/api/nothing", {})[0] == 404
+    _, cookie = ask(new_server, "Hello")
+    session = new_server.sessions[cookie.split("=")[1]]
+    with session.lock:                                             # a reply still being written
+        assert post(new_server, "/api/chat", {"message": "hi"}, cookie)[0] == 409
+    assert new_server.server_address[0] == "127.0.0.1"
+
+
+def test_concurrent_conversations_do_not_share_state(new_server, tok):
+    questions = ["Hello!", "Tell me a story.", "Thanks"]
+    replies, errors = {}, []
+
+    def user(name):
+        try:
+            cookie, said = None, []
+            for q in questions if name % 2 else questions[::-1]:
+                reply, cookie = ask(new_server, q, cookie)
+                said.append(reply)
+            replies[name] = (cookie, said)
+        except Exception as e:  # noqa: BLE001  (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=user, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    # each conversation equals the same questions asked alone (greedy decoding)
+    for name, (cookie, said) in replies.items():
+        alone = chat.Conversation(babbler(tok), tok)
+        expect = [alone.reply(q, new_server.settings, np.random.default_rng(0))
+                  for q in (questions if name % 2 else questions[::-1])]
+        assert said == expect
+        state = new_server.sessions[cookie.split("=")[1]].conv.state
+        assert state.pos == alone.state.pos
+        for a, b in zip(state.layers, alone.state.layers):
+            for key in a:
+                np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def get(srv, path):
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    out = r.status, r.read(), r.headers
+    conn.close()
+    return out
+
+
+def test_the_page_is_its_files_on_disk_and_no_other_path_is_served(new_server, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)                                    # found beside web.py, not in the CWD
+    for path, name, kind in [("/", "index.html", "text/html"), ("/app.css", "app.css", "text/css"),
+                             ("/app.js", "app.js", "text/javascript")]:
+        status, body, headers = get(new_server, path)
+        with open(os.path.join(ROOT, "web", name), "rb") as f:
+            assert status == 200 and body == f.read(), path
+        assert headers["Content-Type"] == kind + "; charset=utf-8"
+        assert headers["Content-Security-Policy"] == web.CSP and headers["X-Content-Type-Options"] == "nosniff"
+    for path in ["/web/../chat.py", "/app.js/../../README.md", "/../chat.py", "/%2e%2e/chat.py", "/web/app.js",
+                 "/index.html", "/./app.js", "/app.js/", "/chat.py", "/web.py", "//etc/passwd", "/web/"]:
+        assert get(new_server, path)[:2] == (404, b"not found"), path
