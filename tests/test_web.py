@@ -147,8 +147,8 @@ def test_stop_ends_the_reply_in_the_browser_and_on_the_server(browser, server, t
     assert said["role"] == "assistant" and said["content"].startswith(shown)
     assert len(tok.encode(said["content"])) < 5_000                  # far short of max_tokens
     assert "stopped" in browser.find_element(By.CSS_SELECTOR, ".msg.bot").get_attribute("class")
-    send(browser, "And then?")                                       # the conversation goes on
     set_field(browser, "max_tokens", 3)
+    send(browser, "And then?")                                       # the conversation goes on
     wait(browser, lambda: len(session.conv.messages) == 5 and finished(browser), 60)
 
 
