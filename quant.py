@@ -13,7 +13,9 @@ nats/token on the TinyStories checkpoint (README), far below what changes a repl
 
 The kernel rounds its input vector to int16 per group (quantize_x16), so a group's
 products are integer multiply-adds: at memory speed on 2 cores, where converting each
-weight to float32 was not.
+weight to float32 was not. Its inner loop is spelled in LLVM vector operations
+(groups_dot), so that every x86-64 CPU gets the same multiply-adds on its widest
+registers; groups_dot_reference is the same sum in plain loops.
 
 wyrd.quantize(model) and wyrd.load(path, quantize="int8") build models from these.
 The last section decodes one token through such a model in a Numba call per block.
@@ -23,7 +25,11 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.core.errors import TypingError
+from numba.extending import intrinsic, models, register_model
 
 from autograd import FAST, Tensor, is_grad_enabled, rmsnorm_row
 
@@ -74,33 +80,124 @@ def quantize_x16(x):
     return xq, xs
 
 
+# ---------------------------------------------------------------------------
+# The kernel's inner loop as LLVM vector operations. Written as plain loops
+# (groups_dot_reference), its machine code is whatever LLVM's vectorisers choose for
+# the CPU at hand: on every x86-64 CPU, 128-bit multiply-adds and a horizontal sum each
+# group, which keeps up with memory on Zen 1's 128-bit units but is compute-bound on an
+# AVX-512 Xeon. As vectors, LLVM only picks the instructions: vpmaddwd (vpdpwssd with
+# VNNI) on the widest registers, and a row's sums stay in LANES float32 lanes to its end.
+# tests/test_quant_asm.py compiles it for seven x86-64 CPUs and checks the instructions.
+
+LANES = 8  # a row's float32 partial sums: one ymm register, so one convert and one FMA a group
+
+
+class _Lanes(types.Type):
+    """A row's LANES partial sums as one LLVM vector value: a register through the loop."""
+
+    def __init__(self):
+        super().__init__(name=f"Lanes{LANES}")
+
+
+_lanes = _Lanes()
+_F32x, _I32 = ir.VectorType(ir.FloatType(), LANES), ir.IntType(32)
+_FLAGS = tuple(sorted(FAST))
+
+
+@register_model(_Lanes)
+class _LanesModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _F32x)
+
+
+def _pick(builder, v, lanes):
+    """The vector of v's lanes at these indices."""
+    lanes = list(lanes)
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, len(lanes)), lanes))
+
+
+def _fold(v, add, builder, width):
+    """Add v's upper half to its lower half until `width` lanes remain."""
+    while v.type.count > width:
+        half = v.type.count // 2
+        v = add(_pick(builder, v, range(half)), _pick(builder, v, range(half, 2 * half)))
+    return v
+
+
+@intrinsic
+def _lanes_zero(typingctx):
+    return _lanes(), lambda context, builder, sig, args: ir.Constant(_F32x, None)
+
+
+@intrinsic
+def _madd_group(typingctx, acc, q, o, x, t, j, scale):
+    """acc + scale * s with s[l] = the sum of q[o, j + k] x[t, j + k] over the k in
+    [0, GROUP) with (k // 2) % LANES == l: adjacent products added in pairs (what one
+    pmaddwd does to 16-bit lanes), then upper halves onto lower ones (whole registers).
+    |s| <= 8 * 127 * 32767 < 2^31."""
+    for arr, dtype in ((q, types.int8), (x, types.int16)):
+        if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype == dtype):
+            raise TypingError(f"_madd_group takes C-contiguous 2-D {dtype} arrays, not {arr}")
+
+    def codegen(context, builder, sig, args):
+        acc, q, o, x, t, j, scale = args
+
+        def group(ty, arr, row):  # arr[row, j:j + GROUP] as GROUP int32 lanes
+            ptr = cgutils.get_item_pointer(context, builder, ty, context.make_array(ty)(context, builder, arr), [row, j])
+            vec = ir.VectorType(context.get_data_type(ty.dtype), GROUP)
+            return builder.sext(builder.load(builder.bitcast(ptr, vec.as_pointer()), align=1), ir.VectorType(_I32, GROUP))
+        p = builder.mul(group(sig.args[1], q, o), group(sig.args[3], x, t))
+        s = builder.add(_pick(builder, p, range(0, GROUP, 2)), _pick(builder, p, range(1, GROUP, 2)))
+        s = _fold(s, builder.add, builder, LANES)
+        scales = _pick(builder, builder.insert_element(ir.Constant(_F32x, None), scale, ir.Constant(_I32, 0)), [0] * LANES)
+        return builder.fadd(acc, builder.fmul(builder.sitofp(s, _F32x), scales, flags=_FLAGS), flags=_FLAGS)
+    return _lanes(acc, q, types.intp, x, types.intp, types.intp, types.float32), codegen
+
+
+@intrinsic
+def _lanes_sum(typingctx, acc):
+    def codegen(context, builder, sig, args):
+        total = _fold(args[0], lambda a, b: builder.fadd(a, b, flags=_FLAGS), builder, 1)
+        return builder.extract_element(total, ir.Constant(_I32, 0))
+    return types.float32(acc), codegen
+
+
+@njit(cache=True, fastmath=FAST)
+def groups_dot(q, scale, xq, xs, o, t, first, stop):
+    """The sum over groups first <= g < stop, all whole, of scale[o, g] xs[t, g] sum_k
+    q[o, k] xq[t, k] (k in group g): int8 row o times token t's int16 input."""
+    acc = _lanes_zero()
+    for g in range(first, stop):
+        acc = _madd_group(acc, q, o, xq, t, g * GROUP, scale[o, g] * xs[t, g])
+    return _lanes_sum(acc)
+
+
+@njit(cache=True, fastmath=FAST)
+def groups_dot_reference(q, scale, xq, xs, o, t, first, stop):
+    """groups_dot in plain loops, where the last group may be short: the tests'
+    reference for it, and the kernel's way through a row's short last group."""
+    acc = np.float32(0)
+    for g in range(first, stop):
+        s = np.int32(0)  # |s| < 64 * 127 * 32767 < 2^31; np.int32() keeps Numba from int64
+        for k in range(g * GROUP, min((g + 1) * GROUP, q.shape[1])):
+            s = np.int32(s + np.int32(q[o, k]) * np.int32(xq[t, k]))
+        acc += scale[o, g] * xs[t, g] * np.float32(s)
+    return acc
+
+
 @njit(parallel=True, cache=True, fastmath=FAST)
 def matvec_kernel(q, scale, x, out):
     """out[t, o] = sum_j scale[o, j // GROUP] q[o, j] x[t, j], parallel over rows o; the
     tokens t loop inside, so a row is read from memory once. x is first rounded to int16
     per group (quantize_x16), so each group's sum is 16-bit integer multiply-adds
-    (pmaddwd, or one vpdpwssd per 32 products with AVX512-VNNI): converting each int8
-    weight to float32 instead made this loop compute-bound at ~85% of memory speed on
-    2 cores; integers run it at memory speed. Then out = sum_g scale xs (int32 sum)."""
-    O, I = q.shape
+    (groups_dot), then out = sum_g scale xs (int32 sum). q: C-contiguous."""
     xq, xs = quantize_x16(x)
-    full = I // GROUP
-    for o in prange(O):
-        qo, so = q[o], scale[o]
+    full = q.shape[1] // GROUP
+    for o in prange(q.shape[0]):
         for t in range(x.shape[0]):
-            xt, st = xq[t], xs[t]
-            acc = np.float32(0)
-            for g in range(full):  # whole groups: a fixed trip count, unrolled into vector multiply-adds
-                base = g * GROUP
-                s = np.int32(0)  # |s| < 64 * 127 * 32767 < 2^31; np.int32() keeps Numba from int64
-                for k in range(GROUP):
-                    s = np.int32(s + np.int32(qo[base + k]) * np.int32(xt[base + k]))
-                acc += so[g] * st[g] * np.float32(s)
-            if full < st.size:  # the row's short last group
-                s = np.int32(0)
-                for j in range(full * GROUP, I):
-                    s = np.int32(s + np.int32(qo[j]) * np.int32(xt[j]))
-                acc += so[full] * st[full] * np.float32(s)
+            acc = groups_dot(q, scale, xq, xs, o, t, 0, full)
+            if full < xs.shape[1]:  # a short last group (a call: kept out of rows without one)
+                acc += groups_dot_reference(q, scale, xq, xs, o, t, full, full + 1)
             out[t, o] = acc
 
 

@@ -116,6 +116,29 @@ def test_matvec_kernel_matches_numpy(O, I, n):
     assert (np.abs(out - x.astype(np.float64) @ w.T) <= rounding(x, w) + x16_rounding(x, w)).all()
 
 
+def groups_dot_twin(q, scale, xq, xs, o, t, n):
+    """sum over groups g < n of scale[o, g] xs[t, g] (exact integer sum of the group's
+    products), in float64: each term and the sum of their magnitudes."""
+    sums = (q[o, :n * GROUP].astype(np.int64) * xq[t, :n * GROUP]).reshape(n, GROUP).sum(axis=1)
+    terms = scale[o, :n].astype(np.float64) * xs[t, :n] * sums
+    return terms.sum(), np.abs(terms).sum()
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 16])
+def test_groups_dot_matches_its_plain_loops_and_numpy(n):
+    """The vector-operation loop against the same sum in plain loops and in NumPy, on
+    random rows and on the largest products (127 x 32767 everywhere: no int32 overflow)."""
+    rng = np.random.default_rng(n)
+    q = rng.integers(-127, 128, (3, n * GROUP + 5), dtype=np.int8)
+    xq = rng.integers(-32767, 32768, (2, n * GROUP + 5), dtype=np.int16)
+    scale, xs = (rng.random((len(a), n + 1), dtype=np.float32) for a in (q, xq))
+    q[2], xq[1] = 127, 32767
+    for o, t in [(0, 0), (1, 1), (2, 0), (2, 1)]:
+        got, reference = (f(q, scale, xq, xs, o, t, 0, n) for f in (quant.groups_dot, quant.groups_dot_reference))
+        want, size = groups_dot_twin(q, scale, xq, xs, o, t, n)
+        assert abs(got - want) <= 1e-6 * size and abs(reference - want) <= 1e-6 * size
+
+
 @pytest.mark.parametrize("I", [1, 5, 64, 70, 300])
 def test_quantize_x16_is_within_half_a_step_and_keeps_nan(I):
     rng = np.random.default_rng(I)
