@@ -17,16 +17,51 @@ that is faster or numerically safer than composing primitives. The Numba kernels
 uses them, and become differentiable ops through the same `Tensor.make`.
 """
 import contextlib
+import math
 
 import runtime  # noqa: F401  (first: the thread policy must be in place when NumPy loads)
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 _grad_enabled = True
 # fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the loops,
 # but infinities must keep their meaning.
 FAST = {"reassoc", "contract", "nsz", "arcp"}
+
+
+def exp(x):
+    """e^x inside Numba kernels. float32 gets the version below, float64 libm's."""
+    return math.exp(x)
+
+
+@overload(exp, jit_options={"fastmath": FAST})
+def _exp_float32(x):
+    """e^x for float32 as arithmetic LLVM vectorises (libm's exp is a call per element,
+    ~5x slower): e^x = 2^k e^r, k = rint(x / ln 2), |r| <= ln 2 / 2, e^r a degree-6
+    Taylor polynomial, 2^k made from its exponent bits. Relative error < 5e-7; 0 below
+    x = -87.33 (2^-126, float32's smallest normal), inf from 88.38; NaN stays NaN."""
+    if x != types.float32:
+        return lambda x: math.exp(x)
+
+    def impl(x):
+        xc = min(max(x, np.float32(-87.33)), np.float32(88.7))
+        k = np.float32(np.rint(xc * np.float32(1.4426950408889634)))
+        r = xc - k * np.float32(0.6931471805599453)
+        e_r = np.float32(1) + r * (np.float32(1) + r * (np.float32(1 / 2) + r * (np.float32(1 / 6) + r * (
+            np.float32(1 / 24) + r * (np.float32(1 / 120) + r * np.float32(1 / 720))))))
+        two_k = _float32_from_bits(np.int32(k + np.float32(127)) << 23)
+        return e_r * two_k if x >= np.float32(-87.33) else (np.float32(0) if x == x else x)
+    return impl
+
+
+@intrinsic
+def _float32_from_bits(typingctx, i):
+    """The float32 whose bits are the int32 i (a free reinterpretation in LLVM)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+    return types.float32(types.int32), codegen
 
 
 def is_grad_enabled():
@@ -315,21 +350,24 @@ class Tensor:
 
 
 def sigmoid(x):
-    """Logistic of a float NumPy array as 0.5 tanh(x/2) + 0.5: NumPy's SIMD tanh
-    (Numba's scalar exp is 4x slower), and unlike 1/(1+exp(-x)) it cannot overflow."""
-    y = np.empty(np.shape(x), x.dtype)
-    np.multiply(x, 0.5, out=y)
-    np.tanh(y, out=y)
-    half_plus_half(y.reshape(-1))
+    """Logistic of a float NumPy array, on all cores (Tensor.sigmoid, swiglu, the RG-LRU's
+    plain ops)."""
+    x = np.asarray(x)
+    y = np.empty(x.shape, x.dtype)
+    sigmoid_kernel(np.ascontiguousarray(x).reshape(-1), y.reshape(-1))
     return y
 
 
+@njit(inline="always", fastmath=FAST)
+def sigmoid_scalar(x):
+    """1 / (1 + e^-x): e^-x overflows to inf for x < -88, and 1 / inf is the right 0."""
+    return 1.0 / (1.0 + exp(-x))
+
+
 @njit(parallel=True, cache=True, fastmath=FAST)
-def half_plus_half(y):
-    """y = 0.5 y + 0.5 in place, on all cores (NumPy would take two passes on one)."""
-    half = y.dtype.type(0.5)  # a float64 literal would promote float32 work to float64
-    for i in prange(y.size):
-        y[i] = half * y[i] + half
+def sigmoid_kernel(x, y):
+    for i in prange(x.size):
+        y[i] = sigmoid_scalar(x[i])
 
 
 # -- joining and splitting ------------------------------------------------------
@@ -344,16 +382,33 @@ def cat(tensors, axis=-1):
 
 
 def split(x, sizes, axis=-1):
-    """Split into pieces of the given sizes along `axis` (the inverse of cat)."""
+    """Split into pieces of the given sizes along `axis` (the inverse of cat).
+
+    The pieces' gradients are written into one buffer that x receives once, rather
+    than each piece handing x a zero-padded array of x's full size."""
     ends = np.cumsum(sizes)
     if ends[-1] != x.shape[axis]:
         raise ValueError(f"split sizes {list(sizes)} do not add up to {x.shape[axis]}")
-    out = []
-    for lo, hi in zip(ends - np.asarray(sizes), ends):
+    shared = []  # x's gradient, made by the first piece whose backward runs
+
+    def piece(lo, hi):
         index = [slice(None)] * x.ndim
         index[axis] = slice(int(lo), int(hi))
-        out.append(x[tuple(index)])
-    return out
+        index = tuple(index)
+
+        def backward(g):
+            if not shared:
+                shared.append(np.zeros_like(x.data))
+                shared[0][index] = g
+                x._acc(shared[0])
+            elif x.grad is shared[0]:  # still x's gradient: fill in this piece's part
+                shared[0][index] = g
+            else:  # another consumer of x has replaced it: add this piece as an array of its own
+                gx = np.zeros_like(x.data)
+                gx[index] = g
+                x._acc(gx)
+        return Tensor.make(x.data[index], (x,), backward)
+    return [piece(lo, hi) for lo, hi in zip(ends - np.asarray(sizes), ends)]
 
 
 # -- fused ops --------------------------------------------------------------------
@@ -391,6 +446,49 @@ def linear(x, weight, bias=None):
         if bias is not None:
             bias._acc(g2.sum(axis=0))
     return Tensor.make(y.reshape(*x.shape[:-1], weight.shape[0]), parents, backward)
+
+
+def linear_stack(x, weights, biases):
+    """[x W_1^T + b_1, x W_2^T + b_2, ...] side by side, [..., sum of outs]: Linears that
+    read the same x (q, k and v; the RG-LRU's three projections; w1 and w3) as one
+    matrix product, because a wider product runs nearer the machine's peak and the
+    backward's dx is then one product, not a sum of several. Biases may be None."""
+    W = stacked_rows([w.data for w in weights])
+    ends = np.cumsum([w.shape[0] for w in weights])
+    spans = list(zip(ends - [w.shape[0] for w in weights], ends))  # each Linear's columns of y
+    x2 = x.data.reshape(-1, x.shape[-1])
+    y = x2 @ W.T
+    for b, (lo, hi) in zip(biases, spans):
+        if b is not None:
+            y[:, lo:hi] += b.data
+    parents = (x, *weights, *(b for b in biases if b is not None))
+
+    def backward(g):  # as linear's, over the stacked rows: dx = G W, dW = G^T x
+        g2 = np.ascontiguousarray(g).reshape(-1, g.shape[-1])
+        x._acc((g2 @ W).reshape(x.shape))
+        gW = g2.T @ x2
+        for w, b, (lo, hi) in zip(weights, biases, spans):
+            w._acc(gW[lo:hi])
+            if b is not None:
+                b._acc(g2[:, lo:hi].sum(axis=0))
+    return Tensor.make(y.reshape(*x.shape[:-1], W.shape[0]), parents, backward)
+
+
+def stacked_rows(arrays):
+    """Arrays [n_i, k] as one [sum n_i, k] array: without a copy when they are
+    consecutive row blocks of one C-contiguous buffer (wyrd.share_rows makes them so),
+    else concatenated."""
+    base = arrays[0].base
+    if base is not None and base.flags.c_contiguous and all(a.base is base for a in arrays) \
+            and base.size == sum(a.size for a in arrays):
+        at = base.ctypes.data
+        for a in arrays:
+            if not a.flags.c_contiguous or a.ctypes.data != at:
+                break
+            at += a.nbytes
+        else:
+            return base.reshape(-1, arrays[0].shape[1])
+    return np.concatenate(arrays)
 
 
 def rmsnorm(x, weight, eps):
@@ -451,36 +549,40 @@ def rmsnorm_backward_kernel(x, w, r, g, gx, gw):
                 gw[part, j] += g[i, j] * x[i, j] * r[i]
 
 
-def swiglu(a, b):
-    """silu(a) * b, the SwiGLU gate, in one op (no silu(a) node kept).
+def swiglu(h):
+    """silu(a) * b for h = [a | b] split in half along the last axis: the SwiGLU gate of
+    the stacked product [w1 x | w3 x], in one op (no silu(a) node kept).
 
-    With s = sigmoid(a): d/da = b s (1 + a (1 - s)),  d/db = a s.
-    """
-    ad, bd = np.ascontiguousarray(a.data), np.ascontiguousarray(b.data)
-    s = sigmoid(ad)
-    y = np.empty_like(ad)
-    swiglu_forward_kernel(ad.reshape(-1), bd.reshape(-1), s.reshape(-1), y.reshape(-1))
+    With s = sigmoid(a): d/da = b s (1 + a (1 - s)),  d/db = a s."""
+    F = h.shape[-1] // 2
+    hd = np.ascontiguousarray(h.data).reshape(-1, 2 * F)
+    s = sigmoid(hd[:, :F])
+    y = np.empty((hd.shape[0], F), hd.dtype)
+    swiglu_forward_kernel(hd, s, y)
 
     def backward(g):
-        ga, gb = np.empty_like(ad), np.empty_like(bd)
-        swiglu_backward_kernel(ad.reshape(-1), bd.reshape(-1), s.reshape(-1),
-                               np.ascontiguousarray(g).reshape(-1), ga.reshape(-1), gb.reshape(-1))
-        a._acc(ga)
-        b._acc(gb)
-    return Tensor.make(y, (a, b), backward)
+        gh = np.empty_like(hd)
+        swiglu_backward_kernel(hd, s, np.ascontiguousarray(g).reshape(-1, F), gh)
+        h._acc(gh.reshape(h.shape))
+    return Tensor.make(y.reshape(*h.shape[:-1], F), (h,), backward)
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def swiglu_forward_kernel(a, b, s, y):
-    for i in prange(a.size):
-        y[i] = a[i] * s[i] * b[i]
+def swiglu_forward_kernel(h, s, y):
+    F = y.shape[1]
+    for n in prange(h.shape[0]):
+        for j in range(F):
+            y[n, j] = h[n, j] * s[n, j] * h[n, F + j]
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def swiglu_backward_kernel(a, b, s, g, ga, gb):
-    for i in prange(a.size):
-        ga[i] = g[i] * b[i] * s[i] * (1.0 + a[i] * (1.0 - s[i]))
-        gb[i] = g[i] * a[i] * s[i]
+def swiglu_backward_kernel(h, s, g, gh):
+    F = g.shape[1]
+    for n in prange(h.shape[0]):
+        for j in range(F):
+            a, b, sj = h[n, j], h[n, F + j], s[n, j]
+            gh[n, j] = g[n, j] * b * sj * (1.0 + a * (1.0 - sj))
+            gh[n, F + j] = g[n, j] * a * sj
 
 
 def cross_entropy(logits, targets, mask=None):
@@ -488,29 +590,55 @@ def cross_entropy(logits, targets, mask=None):
 
     logits [N, V], targets int [N], mask 0/1 [N] or None. Uses a stable
     log-sum-exp and never builds a one-hot: dL/dlogits = (softmax - onehot) m / sum(m).
+    One Numba pass over each row forward and one backward, in place of NumPy's
+    five over the [N, V] logits (the largest array of a training step).
     """
-    z = logits.data
-    n_rows = z.shape[0]
+    z = np.ascontiguousarray(logits.data)
+    n_rows, V = z.shape
     targets = np.asarray(targets).reshape(-1)
     if targets.shape[0] != n_rows:
         raise ValueError(f"cross_entropy: {n_rows} logit rows but {targets.shape[0]} targets")
+    if n_rows and (targets.min() < 0 or targets.max() >= V):
+        raise ValueError(f"cross_entropy: targets must lie in [0, {V}), got [{targets.min()}, {targets.max()}]")
     m = np.ones(n_rows, dtype=z.dtype) if mask is None else np.asarray(mask, dtype=z.dtype).reshape(-1)
     count = m.sum()
     if count == 0:
         raise ValueError("cross_entropy: every target is masked out, the mean is undefined")
-    zmax = z.max(axis=1, keepdims=True)
-    e = z - zmax
-    np.exp(e, out=e)                      # kept for the backward: softmax = e / sum(e)
-    total = e.sum(axis=1)
-    rows = np.arange(n_rows)
-    loss = np.sum(m * (zmax[:, 0] + np.log(total) - z[rows, targets])) / count
+    e = np.empty_like(z)                       # exp(z - max): kept, the backward's softmax
+    total, row_loss = np.empty(n_rows, z.dtype), np.empty(n_rows, z.dtype)
+    cross_entropy_forward_kernel(z, targets, e, total, row_loss)
+    loss = np.sum(m * row_loss) / count
 
     def backward(g):
-        p = e  # the forward's exponentials become the gradient in place (used once)
-        p *= (g * m / (count * total))[:, None]
-        p[rows, targets] -= g * m / count
-        logits._acc(p)
+        scale = (g * m / count).astype(z.dtype)
+        cross_entropy_backward_kernel(e, total, targets, scale)  # the exponentials become the gradient
+        logits._acc(e.reshape(logits.shape))
     return Tensor.make(np.asarray(loss, dtype=z.dtype), (logits,), backward)
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def cross_entropy_forward_kernel(z, targets, e, total, row_loss):
+    """Per row: e = exp(z - max z), total = sum e, row_loss = max + log(total) - z[target]."""
+    for n in prange(z.shape[0]):
+        zmax = z[n, 0]
+        for j in range(1, z.shape[1]):
+            zmax = max(zmax, z[n, j])
+        s = z.dtype.type(0.0)
+        for j in range(z.shape[1]):
+            e[n, j] = exp(z[n, j] - zmax)
+            s += e[n, j]
+        total[n] = s
+        row_loss[n] = zmax + math.log(s) - z[n, targets[n]]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def cross_entropy_backward_kernel(e, total, targets, scale):
+    """In place: e[n] = (e[n] / total[n] - onehot(targets[n])) scale[n], softmax minus the one-hot."""
+    for n in prange(e.shape[0]):
+        c = scale[n] / total[n]
+        for j in range(e.shape[1]):
+            e[n, j] *= c
+        e[n, targets[n]] -= scale[n]
 
 
 # -- gradient checking ---------------------------------------------------------

@@ -20,8 +20,9 @@ import math
 import sys
 from dataclasses import asdict, dataclass, fields
 
-from autograd import (FAST, N_PARTIAL, Tensor, cross_entropy, embedding, is_grad_enabled, linear,  # first: the
-                      no_grad, rmsnorm, sigmoid, swiglu)                     # thread policy (runtime.py)
+from autograd import (FAST, N_PARTIAL, Tensor, cat, cross_entropy, embedding, exp,  # first: the thread policy
+                      is_grad_enabled, linear, linear_stack, no_grad, rmsnorm, sigmoid,  # (runtime.py)
+                      sigmoid_scalar, split, swiglu)
 
 import numpy as np
 import numba
@@ -161,6 +162,28 @@ class Linear(Module):
         return linear(x, self.weight, getattr(self, "bias", None))
 
 
+def share_rows(rng, *linears):
+    """Let Linears that read the same input keep their weights as consecutive rows of one
+    buffer, so `project` multiplies by all of them at once without copying them together.
+    Each weight stays a Tensor of its own under its own name and shape (checkpoints, the
+    optimizer and load see no difference); load and AdamW write into them in place.
+    rng None: the weights are unset, and the buffer's pages stay untouched until load."""
+    buf = np.empty((sum(m.weight.shape[0] for m in linears), linears[0].weight.shape[1]), linears[0].weight.dtype)
+    at = 0
+    for m in linears:
+        if rng is not None:
+            buf[at:at + m.weight.shape[0]] = m.weight.data
+        m.weight.data = buf[at:at + m.weight.shape[0]]
+        at += m.weight.shape[0]
+
+
+def project(x, *linears):
+    """[m(x) for m in linears] side by side, [..., sum of outs], as one matrix product."""
+    if isinstance(linears[0], Linear):
+        return linear_stack(x, [m.weight for m in linears], [getattr(m, "bias", None) for m in linears])
+    return cat([m(x) for m in linears])  # int8: quant.Int8Group computes them in one product
+
+
 class RMSNorm(Module):
     def __init__(self, d, eps, dtype):
         self.weight = Tensor(np.ones(d, dtype), requires_grad=True)
@@ -254,8 +277,8 @@ def rglru_decay(z, lambda_param, c):
     """a_t = exp(c r_t log_a) = a^(c r_t), with r_t = sigmoid(z) and
     log_a = log(sigmoid(lambda) + 1e-8) <= 0. z [B, T, d], lambda [d]."""
     d = z.shape[-1]
-    s = sigmoid(lambda_param.data)
-    c_log_a = (c * np.log(s + 1e-8)).astype(z.dtype)
+    log_a, dlog_a = rglru_log_a(lambda_param.data)
+    c_log_a = (c * log_a).astype(z.dtype)
     r = sigmoid(z.data)
     a = r * c_log_a
     np.exp(a, out=a)
@@ -265,7 +288,7 @@ def rglru_decay(z, lambda_param, c):
         decay_backward_kernel(np.ascontiguousarray(g).reshape(-1, d), a.reshape(-1, d), r.reshape(-1, d),
                               c_log_a, z.dtype.type(c), gz.reshape(-1, d), glog_a)
         z._acc(gz)
-        lambda_param._acc(glog_a.sum(axis=0) * s * (1.0 - s) / (s + 1e-8))  # d log(s + 1e-8) / d lambda
+        lambda_param._acc((glog_a.sum(axis=0) * dlog_a).astype(z.dtype))
     return Tensor.make(a, (z, lambda_param), backward)
 
 
@@ -368,6 +391,88 @@ def rglru_scan(a, u, h0):
     return Tensor.make(h, (a, u, h0), backward)
 
 
+def rglru_log_a(lambda_param):
+    """log a = log(sigmoid(lambda) + 1e-8) (the 1e-8 keeps a -> 0 finite) and d log a / d lambda,
+    in float64: sigmoid(lambda) can lie within 1e-4 of 1."""
+    s = 1.0 / (1.0 + np.exp(-np.asarray(lambda_param, np.float64)))
+    return np.log(s + 1e-8), s * (1.0 - s) / (s + 1e-8)
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def rglru_forward_kernel(y, c_log_a, h0, a, i, r, h):
+    """The RG-LRU from its stacked projections y = [xp | z_i | z_r] [B, T, 3d] to h [B, T, d]:
+    r = sigmoid(z_r), a_t = exp(c log a r), i = sigmoid(z_i),
+    h_t = a_t h_{t-1} + sqrt(1 - a_t^2 + 1e-6) i xp_t. Keeps a_t, i and r for the backward."""
+    B, T, d = h.shape
+    nblk = (d + SCAN_BLOCK - 1) // SCAN_BLOCK
+    for job in prange(B * nblk):
+        b = job // nblk
+        lo = (job % nblk) * SCAN_BLOCK
+        hi = min(lo + SCAN_BLOCK, d)
+        for t in range(T):
+            for c in range(lo, hi):
+                rt = sigmoid_scalar(y[b, t, 2 * d + c])
+                it = sigmoid_scalar(y[b, t, d + c])
+                at = exp(c_log_a[c] * rt)
+                prev = h0[b, c] if t == 0 else h[b, t - 1, c]
+                h[b, t, c] = at * prev + math.sqrt(1.0 - at * at + 1e-6) * it * y[b, t, c]
+                a[b, t, c], i[b, t, c], r[b, t, c] = at, it, rt
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def rglru_backward_kernel(y, c_log_a, h0, a, i, r, h, gh, gy, gh0, gc_log_a):
+    """Backward of the kernel above, in reverse time. With g_t = dL/dh_t (gh_t plus
+    g_{t+1} a_{t+1}, h_t feeding h_{t+1}) and m = sqrt(1 - a^2 + 1e-6):
+      dL/da_t = g_t h_{t-1} - g_t a_t i xp / m;   dL/dxp = g_t m i;
+      dL/dz_i = g_t m xp i (1 - i);   dL/dz_r = dL/da_t a_t c log a r (1 - r);
+      dL/d(c log a) += dL/da_t a_t r;   dL/dh0 = g_0 a_0.
+    gc_log_a [B, d]: one row per batch row (its tasks own those channels: no races)."""
+    B, T, d = h.shape
+    nblk = (d + SCAN_BLOCK - 1) // SCAN_BLOCK
+    for job in prange(B * nblk):
+        b = job // nblk
+        lo = (job % nblk) * SCAN_BLOCK
+        hi = min(lo + SCAN_BLOCK, d)
+        for c in range(lo, hi):
+            gc_log_a[b, c] = 0.0
+        for t in range(T - 1, -1, -1):
+            for c in range(lo, hi):
+                g = gh[b, t, c] if t == T - 1 else gh[b, t, c] + a[b, t + 1, c] * gh0[b, c]
+                gh0[b, c] = g  # carries g_t to step t - 1; g_0 a_0 at the end
+                at, it, rt, xp = a[b, t, c], i[b, t, c], r[b, t, c], y[b, t, c]
+                m = math.sqrt(1.0 - at * at + 1e-6)
+                prev = h0[b, c] if t == 0 else h[b, t - 1, c]
+                ga = g * prev - g * at * it * xp / m
+                gy[b, t, c] = g * m * it
+                gy[b, t, d + c] = g * m * xp * it * (1.0 - it)
+                gy[b, t, 2 * d + c] = ga * at * c_log_a[c] * rt * (1.0 - rt)
+                gc_log_a[b, c] += ga * at * rt
+        for c in range(lo, hi):
+            gh0[b, c] *= a[b, 0, c]
+
+
+def rglru(y, lambda_param, h0, c):
+    """h [B, T, d] from y = [xp | z_i | z_r] [B, T, 3d]: rglru_decay, rglru_input and
+    rglru_scan in one kernel each way, as one pass over time needs no [B, T, d]
+    temporaries between them (tests/test_kernels.py checks it against those three)."""
+    yd = np.ascontiguousarray(y.data)
+    B, T, d3 = yd.shape
+    d = d3 // 3
+    log_a, dlog_a = rglru_log_a(lambda_param.data)
+    c_log_a = (c * log_a).astype(yd.dtype)
+    h0d = np.ascontiguousarray(np.broadcast_to(h0.data.reshape(-1, d), (B, d)))
+    a, i, r, h = (np.empty((B, T, d), yd.dtype) for _ in range(4))
+    rglru_forward_kernel(yd, c_log_a, h0d, a, i, r, h)
+
+    def backward(g):
+        gy, gh0, gc = np.empty_like(yd), np.empty_like(h0d), np.empty((B, d), yd.dtype)
+        rglru_backward_kernel(yd, c_log_a, h0d, a, i, r, h, np.ascontiguousarray(g), gy, gh0, gc)
+        y._acc(gy)
+        lambda_param._acc((gc.sum(axis=0) * c * dlog_a).astype(yd.dtype))
+        h0._acc(gh0.sum(axis=0).reshape(h0.shape) if h0.data.size == d else gh0.reshape(h0.shape))
+    return Tensor.make(h, (y, lambda_param, h0), backward)
+
+
 class RGLRU(Module):
     """The Real-Gated Linear Recurrent Unit (Griffin), width d."""
 
@@ -377,6 +482,7 @@ class RGLRU(Module):
         self.input_proj = Linear(d, d, rng, dtype)
         self.input_gate_proj = Linear(d, d, rng, dtype, bias=True)
         self.recurrence_gate_proj = Linear(d, d, rng, dtype, bias=True)
+        share_rows(rng, self.input_proj, self.input_gate_proj, self.recurrence_gate_proj)
         # sigmoid(U(4, 9)) in [0.982, 0.9999]: slow decay, long memory at init
         self.lambda_param = Tensor(np.empty(d, dtype) if rng is None else rng.uniform(4.0, 9.0, d).astype(dtype),
                                    requires_grad=True)
@@ -385,15 +491,14 @@ class RGLRU(Module):
         self.output_proj = Linear(d, d, rng, dtype)
 
     def __call__(self, x, pos0=0, cache=None):
-        xp = self.input_proj(x)                                                 # [B, T, d]
-        # a_t = a^(c r_t), r_t = sigmoid(recurrence gate), in log space: r_t -> 0
-        # keeps the state (a_t -> 1), r_t -> 1 decays it at the learned rate a
-        a_t = rglru_decay(self.recurrence_gate_proj(x), self.lambda_param, self.c)
-        # u_t = sqrt(1 - a_t^2) (i_t xp_t): a state that forgets a fraction lets in
-        # just enough input to stay at unit scale (1e-6 keeps the sqrt's slope finite)
-        u_t = rglru_input(a_t, self.input_gate_proj(x), xp)
+        # y = [xp | z_i | z_r]: input_proj(x), input_gate_proj(x), recurrence_gate_proj(x)
+        y = project(x, self.input_proj, self.input_gate_proj, self.recurrence_gate_proj)   # [B, T, 3d]
         h0 = self.h0 if cache is None else Tensor(cache["h"])
-        h = rglru_scan(a_t, u_t, h0)                               # [B, T, d]
+        # a_t = a^(c r_t), r_t = sigmoid(z_r): r_t -> 0 keeps the state (a_t -> 1), r_t -> 1
+        # decays it at the learned rate a; u_t = sqrt(1 - a_t^2) (sigmoid(z_i) xp_t): a state
+        # that forgets a fraction lets in just enough input to stay at unit scale (1e-6 keeps
+        # the sqrt's slope finite); h_t = a_t h_{t-1} + u_t
+        h = rglru(y, self.lambda_param, h0, self.c)                                      # [B, T, d]
         if cache is not None:
             cache["h"] = h.data[:, -1].copy()
         return self.output_proj(self.norm(h))
@@ -439,7 +544,7 @@ def attention_forward_kernel(q, k, v, window, scale, out, lse):
                     m = max(m, p[j])
                 total = 0.0
                 for j in range(n):
-                    p[j] = math.exp(p[j] - m)
+                    p[j] = exp(p[j] - m)
                     total += p[j]
                 inv = 1.0 / total
                 for j in range(n):   # normalise in place: stores keep p in q's dtype, so the
@@ -486,7 +591,7 @@ def attention_backward_kernel(q, k, v, out, lse, gout, window, scale, dq, dk, dv
                     for e in range(D):
                         dot += q[b, t, h, e] * k[b, kh, s0 + j, e]
                         dp += gout[b, t, h, e] * v[b, kh, s0 + j, e]
-                    p[j] = math.exp(dot * scale - lse[b, h, t])
+                    p[j] = exp(dot * scale - lse[b, h, t])
                     ds[j] = p[j] * (dp - delta) * scale  # dscore, scaled for q and k
                 acc[:] = 0.0
                 for j in range(n):
@@ -529,14 +634,16 @@ class LocalAttention(Module):
         self.k_proj = Linear(d, KV * D, rng, dtype)
         self.v_proj = Linear(d, KV * D, rng, dtype)
         self.o_proj = Linear(H * D, d, rng, dtype)
+        share_rows(rng, self.q_proj, self.k_proj, self.v_proj)
 
     def __call__(self, x, pos0=0, cache=None):
         B, T, _ = x.shape
         H, KV, D, W = self.n_heads, self.n_kv_heads, self.head_dim, self.window
         cos, sin = rope_angles(np.arange(pos0, pos0 + T), D, self.theta, x.dtype)
-        q = rope(self.q_proj(x).reshape(B, T, H, D), cos, sin)      # [B, T, H, D]
-        k = rope(self.k_proj(x).reshape(B, T, KV, D), cos, sin)     # [B, T, KV, D]
-        v = self.v_proj(x).reshape(B, T, KV, D)
+        q, k, v = split(project(x, self.q_proj, self.k_proj, self.v_proj), [H * D, KV * D, KV * D])
+        q = rope(q.reshape(B, T, H, D), cos, sin)                    # [B, T, H, D]
+        k = rope(k.reshape(B, T, KV, D), cos, sin)                   # [B, T, KV, D]
+        v = v.reshape(B, T, KV, D)
         if cache is not None:
             k, v = self._use_ring(cache, pos0, k.data, v.data)
         o = window_attention(q, k, v, W)                             # [B, T, H, D]
@@ -581,9 +688,10 @@ class FFN(Module):
         self.w1 = Linear(cfg.d_model, cfg.ffn_hidden, rng, dtype)
         self.w3 = Linear(cfg.d_model, cfg.ffn_hidden, rng, dtype)
         self.w2 = Linear(cfg.ffn_hidden, cfg.d_model, rng, dtype)
+        share_rows(rng, self.w1, self.w3)
 
     def __call__(self, x):
-        return self.w2(swiglu(self.w1(x), self.w3(x)))
+        return self.w2(swiglu(project(x, self.w1, self.w3)))
 
 
 class Block(Module):
@@ -748,8 +856,8 @@ class Chimera(Module):
                 qkv = mix.q_proj.group[0].matrix
                 mix_arrays = (norm1, qkv.q, qkv.scale, mix.o_proj.q, mix.o_proj.scale)
             else:
-                m, lam = mix.input_proj.group[0].matrix, mix.lambda_param.data.astype(np.float64)
-                c_log_a = (mix.c * np.log(1 / (1 + np.exp(-lam)) + 1e-8)).astype(np.float32)
+                m = mix.input_proj.group[0].matrix
+                c_log_a = (mix.c * rglru_log_a(mix.lambda_param.data)[0]).astype(np.float32)
                 mix_arrays = (norm1, m.q, m.scale, m.bias, c_log_a, mix.norm.weight.data,
                               mix.output_proj.q, mix.output_proj.scale)
             w13 = ffn.w1.group[0].matrix

@@ -14,8 +14,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autograd  # noqa: E402
-from autograd import (Tensor, cat, cross_entropy, embedding, gradcheck, linear, no_grad,  # noqa: E402
-                      rmsnorm, split, swiglu)
+from autograd import (Tensor, cat, cross_entropy, embedding, gradcheck, linear, linear_stack,  # noqa: E402
+                      no_grad, rmsnorm, sigmoid, split, stacked_rows, swiglu)
 
 # ---------------------------------------------------------------------------
 # helpers
@@ -183,6 +183,68 @@ def test_split_last_axis_pieces_and_gradient():
     np.testing.assert_allclose(a.grad, expected, rtol=1e-12)
 
 
+def test_split_pieces_with_another_consumer_of_the_input():
+    """The pieces share one gradient buffer for x; when x has another consumer, whichever
+    backward runs first, every contribution still arrives."""
+    w = [rand(2, 2, seed=4), rand(2, 4, seed=5)]
+    fs = [lambda a: (split(a, [2, 4])[0] * w[0]).sum() + (a * a).sum() + (split(a, [2, 4])[1] * w[1]).sum(),
+          lambda a: (a * a).sum() + sum((p * q).sum() for p, q in zip(split(a * 1.0, [2, 4]), w)) + (a * 3.0).sum()]
+    for f in fs:
+        gradcheck(f, [Tensor(rand(2, 6))])
+
+
+def test_linear_stack_is_the_linears_side_by_side():
+    """[x W1^T, x W2^T + b2, x W3^T + b3] as one product: values and every gradient."""
+    x, ws, bs = rand(2, 3, 4), [rand(5, 4, seed=1), rand(2, 4, seed=2), rand(3, 4, seed=3)], [None, rand(2), rand(3)]
+
+    def stacked(x, w1, w2, w3, b2, b3):
+        return linear_stack(x, [w1, w2, w3], [None, b2, b3])
+
+    def separate(x, w1, w2, w3, b2, b3):
+        return cat([linear(x, w1), linear(x, w2, b2), linear(x, w3, b3)])
+    ins = [x, *ws, bs[1], bs[2]]
+    check(stacked, lambda x, w1, w2, w3, b2, b3: np.concatenate([x @ w1.T, x @ w2.T + b2, x @ w3.T + b3], -1), *ins)
+    grads = []
+    for f in (stacked, separate):
+        ts = [Tensor(a.copy(), requires_grad=True) for a in ins]
+        f(*ts).backward(rand(2, 3, 10, seed=9))
+        grads.append([t.grad for t in ts])
+    for g, want in zip(*grads):
+        np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-12)
+
+
+def test_stacked_rows_reads_a_shared_buffer_without_a_copy():
+    buf = rand(7, 3)
+    parts = [buf[:2], buf[2:3], buf[3:]]
+    assert stacked_rows(parts) is not buf and np.shares_memory(stacked_rows(parts), buf)
+    np.testing.assert_array_equal(stacked_rows(parts), buf)
+    for other in ([buf[:2], buf[3:]], [buf[2:3], buf[:2], buf[3:]], [buf[:2].copy(), buf[2:3], buf[3:]]):
+        got = stacked_rows(other)  # not the buffer's rows in order: concatenated
+        assert not np.shares_memory(got, buf)
+        np.testing.assert_array_equal(got, np.concatenate(other))
+
+
+def test_sigmoid_and_float32_exp_against_numpy():
+    x = np.concatenate([np.linspace(-100, 100, 20001), [-np.inf, np.inf, 0.0]])
+    np.testing.assert_allclose(sigmoid(x), np_sigmoid(x), rtol=1e-15, atol=0)   # float64: libm's exp
+    x32 = x.astype(np.float32)
+    s32 = sigmoid(x32)
+    assert s32.dtype == np.float32
+    np.testing.assert_allclose(s32, np_sigmoid(x32.astype(np.float64)), rtol=1e-6, atol=1e-38)
+    assert np.isnan(sigmoid(np.array([np.nan], np.float32)))[0]
+    # the float32 exp itself, through the cross-entropy kernel's e = exp(z - max z)
+    z = np.linspace(-87.3, 0, 4001, dtype=np.float32).reshape(1, -1)
+    e, total, row = np.empty_like(z), np.empty(1, np.float32), np.empty(1, np.float32)
+    autograd.cross_entropy_forward_kernel(z, np.array([0]), e, total, row)
+    np.testing.assert_allclose(e, np.exp(z.astype(np.float64)), rtol=5e-7, atol=0)
+
+
+def test_cross_entropy_refuses_targets_outside_the_vocabulary():
+    for bad in ([0, 1, 4], [0, -1, 2]):
+        with pytest.raises(ValueError, match=r"targets must lie in \[0, 4\)"):
+            cross_entropy(Tensor(rand(3, 4)), bad)
+
+
 def test_split_sizes_must_add_up():
     with pytest.raises(ValueError, match="do not add up"):
         split(Tensor(rand(2, 6)), [2, 3], axis=-1)
@@ -256,7 +318,8 @@ def test_rmsnorm_value_float32():
 
 
 def test_swiglu():
-    check(swiglu, lambda a, b: a * np_sigmoid(a) * b, rand(3, 5), rand(3, 5, seed=1))
+    # h = [a | b]: silu(a) * b
+    check(swiglu, lambda h: h[..., :5] * np_sigmoid(h[..., :5]) * h[..., 5:], rand(2, 3, 10))
 
 
 def test_cross_entropy_gradient_no_mask():
@@ -476,8 +539,7 @@ def _training_setup(seed=0):
 
     def step():
         h = embedding(params["E"], ids)                           # [2, 5, d]
-        a, b = split(linear(rmsnorm(h, params["n"], 1e-6), params["W1"]), [f, f], axis=-1)
-        h = h + linear(swiglu(a, b), params["W2"], params["b2"])
+        h = h + linear(swiglu(linear(rmsnorm(h, params["n"], 1e-6), params["W1"])), params["W2"], params["b2"])
         logits = h @ params["E"].transpose()                       # [2, 5, V], folded matmul
         loss = cross_entropy(logits.reshape(-1, V), targets, mask)
         loss.backward()
@@ -563,7 +625,7 @@ def test_float32_preserved_through_ops():
         "mean": lambda: x.mean(axis=0), "sum": lambda: x.sum(), "exp": lambda: x.exp(), "log": lambda: x.log(),
         "sqrt": lambda: x.sqrt(), "sigmoid": lambda: x.sigmoid(), "silu": lambda: x.silu(),
         "matmul": lambda: x @ x.transpose(), "index": lambda: x[[0, 0]], "cat": lambda: cat([x, x], 0),
-        "rmsnorm": lambda: rmsnorm(x, w, 1e-6), "swiglu": lambda: swiglu(x, x), "linear": lambda: linear(x, x),
+        "rmsnorm": lambda: rmsnorm(x, w, 1e-6), "swiglu": lambda: swiglu(x), "linear": lambda: linear(x, x),
         "cross_entropy": lambda: cross_entropy(x, [0, 1, 2]), "embedding": lambda: embedding(x, [[0, 2]]),
     }
     for name, f in exprs.items():

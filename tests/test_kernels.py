@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from autograd import Tensor, gradcheck
-from wyrd import rglru_decay, rglru_input, rglru_scan, rope, rope_angles, window_attention
+from wyrd import rglru, rglru_decay, rglru_input, rglru_scan, rope, rope_angles, window_attention
 
 rng = np.random.default_rng(1234)
 
@@ -132,6 +132,42 @@ def test_decay_and_input_gates_gradcheck():
     gradcheck(lambda a, b: rglru_decay(a, b, 8.0), [Tensor(z), Tensor(lam)])
     a = rng.uniform(0.05, 0.95, (2, 5, 7))
     gradcheck(rglru_input, [Tensor(a), Tensor(randn(2, 5, 7)), Tensor(randn(2, 5, 7))])
+
+
+# -- the fused RG-LRU (gates and scan in one kernel each way) ----------------------------
+def rglru_plain(y, lam, h0, c):
+    """The same maths through the three plain ops: the reference of the fused kernels."""
+    d = y.shape[-1] // 3
+    xp, zi, zr = y[..., :d], y[..., d:2 * d], y[..., 2 * d:]
+    a = rglru_decay(zr, lam, c)
+    return rglru_scan(a, rglru_input(a, zi, xp), h0)
+
+
+@pytest.mark.parametrize("B,T,d,h0_shape", [(1, 1, 3, (1, 1, 3)), (2, 9, 5, (2, 5)), (3, 17, 300, (1, 1, 300))])
+def test_fused_rglru_matches_the_plain_ops(B, T, d, h0_shape):
+    """Values and every gradient to 1e-10 in float64 (300 channels: two channel blocks)."""
+    y, lam, h0, gh = randn(B, T, 3 * d), rng.uniform(-2, 9, d), randn(*h0_shape), randn(B, T, d)
+    got, want = [], []
+    for op, out in ((rglru, got), (rglru_plain, want)):
+        ins = [Tensor(v.copy(), requires_grad=True) for v in (y, lam, h0)]
+        h = op(ins[0], ins[1], ins[2], 8.0)
+        h.backward(gh)
+        out += [h.data] + [t.grad for t in ins]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_rglru_float32_matches_float64():
+    y, lam, h0 = randn(2, 40, 3 * 64), rng.uniform(-2, 9, 64), randn(1, 1, 64)
+    h64 = rglru(Tensor(y), Tensor(lam), Tensor(h0), 8.0).data
+    h32 = rglru(Tensor(y.astype(np.float32)), Tensor(lam.astype(np.float32)), Tensor(h0.astype(np.float32)), 8.0)
+    assert h32.dtype == np.float32
+    np.testing.assert_allclose(h32.data, h64, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_rglru_gradcheck():
+    y, lam, h0 = randn(2, 6, 12), rng.uniform(-2, 9, 4), randn(1, 1, 4)
+    gradcheck(lambda a, b, c: rglru(a, b, c, 8.0), [Tensor(y), Tensor(lam), Tensor(h0)])
 
 
 # -- sliding-window attention ----------------------------------------------------------

@@ -137,16 +137,16 @@ def test_decoding_runs_kernels_on_one_thread_and_restores_the_count():
     m = Chimera(NANO)
     before = numba.get_num_threads()
     seen = []
-    real = wyrd.rglru_scan
+    real = wyrd.rglru
     try:
-        wyrd.rglru_scan = lambda *a: (seen.append(numba.get_num_threads()), real(*a))[1]
+        wyrd.rglru = lambda *a: (seen.append(numba.get_num_threads()), real(*a))[1]
         state = m.init_state(1)
         m.step(np.zeros((1, 1), np.int64), state)               # one token: serial kernels
         m.step(np.zeros((1, wyrd.SERIAL_ROWS + 1), np.int64), state)  # a long chunk: all threads
         with pytest.raises(ValueError):
             m.step(np.full((1, 1), NANO.vocab_size), state)       # an error inside still restores
     finally:
-        wyrd.rglru_scan = real
+        wyrd.rglru = real
     assert seen[0] == 1 and seen[-1] == before
     assert numba.get_num_threads() == before
 
@@ -186,3 +186,27 @@ def test_bad_inputs_are_clear_errors():
         m.loss(np.zeros((1, 4), int), np.zeros((1, 3), int))
     with pytest.raises(ValueError, match="known presets: nano, micro, tiny, small, medium"):
         Chimera("huge")
+
+
+def test_projections_that_read_one_input_share_a_buffer_through_load_and_training(tmp_path):
+    """q/k/v, the RG-LRU's three projections and w1/w3 are rows of one buffer, so their
+    product needs no copy; load and the optimizer write into them in place."""
+    import train
+    import wyrd
+    from autograd import stacked_rows
+    m = Chimera(NANO)
+    wyrd.save(tmp_path / "m.safetensors", m)
+    loaded = wyrd.load(tmp_path / "m.safetensors")[0]
+    opt = train.AdamW(loaded.named_parameters())
+    ids = np.random.default_rng(0).integers(0, NANO.vocab_size, (2, 9))
+    loaded.loss(ids[:, :-1], ids[:, 1:]).backward()
+    opt.step(1e-2)
+    for model in (m, loaded):
+        for layer in model.layers:
+            mix, ffn = layer.temporal_mix, layer.ffn
+            groups = [(ffn.w1, ffn.w3), (mix.q_proj, mix.k_proj, mix.v_proj) if isinstance(mix, LocalAttention)
+                      else (mix.input_proj, mix.input_gate_proj, mix.recurrence_gate_proj)]
+            for group in groups:
+                w = [lin.weight.data for lin in group]
+                assert np.shares_memory(stacked_rows(w), w[0]) and np.shares_memory(stacked_rows(w), w[-1])
+    np.testing.assert_array_equal(loaded.layers[0].ffn.w3.weight.data != m.layers[0].ffn.w3.weight.data, True)
