@@ -360,8 +360,10 @@ def sigmoid(x):
 
 @njit(inline="always", fastmath=FAST)
 def sigmoid_scalar(x):
-    """1 / (1 + e^-x): e^-x overflows to inf for x < -88, and 1 / inf is the right 0."""
-    return 1.0 / (1.0 + exp(-x))
+    """1 / (1 + e^-x): e^-x overflows to inf for x < -88, and 1 / inf is the right 0.
+    (One in x's type: a float64 1.0 would turn float32 work into float64.)"""
+    one = type(x)(1.0)
+    return one / (one + exp(-x))
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -577,11 +579,11 @@ def swiglu_forward_kernel(h, s, y):
 
 @njit(parallel=True, cache=True, fastmath=FAST)
 def swiglu_backward_kernel(h, s, g, gh):
-    F = g.shape[1]
+    F, one = g.shape[1], h.dtype.type(1.0)  # (a float64 1.0 would make float32 work float64)
     for n in prange(h.shape[0]):
         for j in range(F):
             a, b, sj = h[n, j], h[n, F + j], s[n, j]
-            gh[n, j] = g[n, j] * b * sj * (1.0 + a * (1.0 - sj))
+            gh[n, j] = g[n, j] * b * sj * (one + a * (one - sj))
             gh[n, F + j] = g[n, j] * a * sj
 
 

@@ -402,21 +402,29 @@ def rglru_log_a(lambda_param):
 def rglru_forward_kernel(y, c_log_a, h0, a, i, r, h):
     """The RG-LRU from its stacked projections y = [xp | z_i | z_r] [B, T, 3d] to h [B, T, d]:
     r = sigmoid(z_r), a_t = exp(c log a r), i = sigmoid(z_i),
-    h_t = a_t h_{t-1} + sqrt(1 - a_t^2 + 1e-6) i xp_t. Keeps a_t, i and r for the backward."""
+    h_t = a_t h_{t-1} + sqrt(1 - a_t^2 + 1e-6) i xp_t. Keeps a_t, i and r for the backward.
+    Tasks are (batch row, block of channels), each walking time in order; the loop over
+    channels reads rows of one time step, so it vectorises."""
     B, T, d = h.shape
+    one, eps = h.dtype.type(1.0), h.dtype.type(1e-6)  # float32 stays float32 (and SIMD)
     nblk = (d + SCAN_BLOCK - 1) // SCAN_BLOCK
     for job in prange(B * nblk):
         b = job // nblk
         lo = (job % nblk) * SCAN_BLOCK
         hi = min(lo + SCAN_BLOCK, d)
+        prev = h0[b, lo:hi].copy()
         for t in range(T):
+            yt, at_, it_, rt_, ht = y[b, t], a[b, t], i[b, t], r[b, t], h[b, t]
             for c in range(lo, hi):
-                rt = sigmoid_scalar(y[b, t, 2 * d + c])
-                it = sigmoid_scalar(y[b, t, d + c])
+                rt = sigmoid_scalar(yt[2 * d + c])
+                it = sigmoid_scalar(yt[d + c])
                 at = exp(c_log_a[c] * rt)
-                prev = h0[b, c] if t == 0 else h[b, t - 1, c]
-                h[b, t, c] = at * prev + math.sqrt(1.0 - at * at + 1e-6) * it * y[b, t, c]
-                a[b, t, c], i[b, t, c], r[b, t, c] = at, it, rt
+                hc = at * prev[c - lo] + math.sqrt(one - at * at + eps) * it * yt[c]
+                prev[c - lo] = hc
+                ht[c] = hc
+                at_[c] = at
+                it_[c] = it
+                rt_[c] = rt
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
@@ -426,29 +434,31 @@ def rglru_backward_kernel(y, c_log_a, h0, a, i, r, h, gh, gy, gh0, gc_log_a):
       dL/da_t = g_t h_{t-1} - g_t a_t i xp / m;   dL/dxp = g_t m i;
       dL/dz_i = g_t m xp i (1 - i);   dL/dz_r = dL/da_t a_t c log a r (1 - r);
       dL/d(c log a) += dL/da_t a_t r;   dL/dh0 = g_0 a_0.
-    gc_log_a [B, d]: one row per batch row (its tasks own those channels: no races)."""
+    gc_log_a [B, d] has a row per batch row (its tasks own those channels: no races)."""
     B, T, d = h.shape
+    one, eps = h.dtype.type(1.0), h.dtype.type(1e-6)
     nblk = (d + SCAN_BLOCK - 1) // SCAN_BLOCK
     for job in prange(B * nblk):
         b = job // nblk
         lo = (job % nblk) * SCAN_BLOCK
         hi = min(lo + SCAN_BLOCK, d)
-        for c in range(lo, hi):
-            gc_log_a[b, c] = 0.0
+        carry = np.zeros(hi - lo, h.dtype)   # g_{t+1} a_{t+1}: what h_t receives through h_{t+1}
+        gc = np.zeros(hi - lo, h.dtype)
         for t in range(T - 1, -1, -1):
+            yt, gyt, ght, at_, it_, rt_ = y[b, t], gy[b, t], gh[b, t], a[b, t], i[b, t], r[b, t]
+            prev = h0[b] if t == 0 else h[b, t - 1]
             for c in range(lo, hi):
-                g = gh[b, t, c] if t == T - 1 else gh[b, t, c] + a[b, t + 1, c] * gh0[b, c]
-                gh0[b, c] = g  # carries g_t to step t - 1; g_0 a_0 at the end
-                at, it, rt, xp = a[b, t, c], i[b, t, c], r[b, t, c], y[b, t, c]
-                m = math.sqrt(1.0 - at * at + 1e-6)
-                prev = h0[b, c] if t == 0 else h[b, t - 1, c]
-                ga = g * prev - g * at * it * xp / m
-                gy[b, t, c] = g * m * it
-                gy[b, t, d + c] = g * m * xp * it * (1.0 - it)
-                gy[b, t, 2 * d + c] = ga * at * c_log_a[c] * rt * (1.0 - rt)
-                gc_log_a[b, c] += ga * at * rt
-        for c in range(lo, hi):
-            gh0[b, c] *= a[b, 0, c]
+                g = ght[c] + carry[c - lo]
+                at, it, rt, xp = at_[c], it_[c], rt_[c], yt[c]
+                m = math.sqrt(one - at * at + eps)
+                ga = g * prev[c] - g * at * it * xp / m
+                gyt[c] = g * m * it
+                gyt[d + c] = g * m * xp * it * (one - it)
+                gyt[2 * d + c] = ga * at * c_log_a[c] * rt * (one - rt)
+                gc[c - lo] += ga * at * rt
+                carry[c - lo] = g * at
+        gh0[b, lo:hi] = carry
+        gc_log_a[b, lo:hi] = gc
 
 
 def rglru(y, lambda_param, h0, c):
