@@ -528,7 +528,7 @@ def run_default(out="out/wyrd.safetensors", resume=False, preset="micro", pre=PR
     rate, replies = corpus.reply_check(model, tok, n=check) if check else (float("nan"), [])
     facts, wrong = corpus.fact_check(model, tok) if check else (0, [])
     wall = time.time() - t0
-    print(f"\n=== Wyrd: {out} written in {_hms(wall)} (this session) ===")
+    print(f"\n=== Wyrd: {out} written in {_hms(wall)} ===")
     for ph in ("pretrain", "finetune"):
         s = meta.get(ph, {})
         print(f"{ph:9s} final train loss {s.get('train_loss', float('nan')):.4f} | "
@@ -574,6 +574,8 @@ def build_parser():
                                    "(held-out losses, samples, reply check).")
     p.add_argument("--out", default="out/wyrd.safetensors", help="checkpoint file (default: out/wyrd.safetensors)")
     p.add_argument("--preset", default="micro", choices=list(wyrd.PRESETS), help="model size (default: micro)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init and of both phases' data order "
+                                                         "(default: 0)")
     _run_flags(p)
     p.set_defaults(func=_cmd_all)
 
@@ -655,8 +657,10 @@ def _config(args, defaults, phase, model_config=None):
 
 
 def _cmd_all(args):
+    if args.seed < 0:
+        raise DataError(f"--seed must be >= 0, got {args.seed}")
     _fresh(args)
-    run_default(args.out, args.resume, args.preset)
+    run_default(args.out, args.resume, args.preset, replace(PRETRAIN, seed=args.seed), replace(FINETUNE, seed=args.seed))
 
 
 def _cmd_pretrain(args):

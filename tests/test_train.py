@@ -513,3 +513,12 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_run(tmp_p
     assert losses(out)[3:] == losses(ref)[3:]   # (the first run ended at step 3: its last record differs)
     a, b = final_weights(out), final_weights(ref)
     assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_default_run_seed_reaches_both_phases(tmp_path, monkeypatch):
+    """`train.py all --seed N` seeds the init and the data order of pretraining and fine-tuning."""
+    seen = {}
+    monkeypatch.setattr(train, "run_default", lambda out, resume, preset, pre, ft: seen.update(pre=pre, ft=ft))
+    assert train.main(["all", "--seed", "7", "--out", str(tmp_path / "w.safetensors")]) == 0
+    assert seen["pre"].seed == 7 and seen["ft"].seed == 7
+    assert seen["pre"].steps == train.PRETRAIN.steps and seen["ft"].steps == train.FINETUNE.steps
