@@ -2,13 +2,13 @@
 
 Read top to bottom, in the order a token flows through the model: the
 configuration and presets; Linear and RMSNorm; the token embedding; RoPE; the
-RG-LRU recurrence (its decay, its gated input, the linear scan, the layer);
-sliding-window GQA attention (kernels, op, layer); the SwiGLU feed-forward and
-the residual block; the model; O(1)-state decoding; safetensors checkpoints.
-Each layer's Numba kernels sit beside the differentiable op that wraps them,
-forward and backward together, and the layer that uses it. The equations and
-names are those of `spec/chimera.md` (shared with the PyTorch Chimera, so
-weights move both ways).
+RG-LRU recurrence (its decay, its gated input and the linear scan as plain ops,
+then the fused kernel the layer runs, then the layer); sliding-window GQA attention
+(kernels, op, layer); the SwiGLU feed-forward and the residual block; the model;
+O(1)-state decoding; safetensors checkpoints. Each layer's Numba kernels sit beside
+the differentiable op that wraps them, forward and backward together, and the layer
+that uses it. The equations and names are those of docs/architecture.md (shared
+with the PyTorch Chimera, so weights move both ways).
 
 The kernels live here, beside the model, rather than in autograd.py: they are
 the model's maths (the recurrence, the windowed attention), while autograd.py

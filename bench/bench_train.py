@@ -10,11 +10,14 @@ F.cross_entropy, torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW (foreach);
 once eager and once under torch.compile (the model's forward and backward; compile
 time is not counted). Every contender runs in a process of its own on all cores,
 and the contenders alternate over rounds, so a slow spell of the machine falls on
-each in turn. Printed: each contender's median step over all rounds and the ratios.
+each in turn. Printed, and written to docs/results/bench_train.md: each contender's median step
+over all rounds and the ratios.
 """
 import argparse
+import datetime
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -87,6 +90,17 @@ def median(xs):
     return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
 
 
+def machine():
+    """The CPU's name and core count, as /proc/cpuinfo gives them."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {os.cpu_count()} cores"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", nargs="+", default=["micro", "tiny"])
@@ -96,13 +110,17 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "bench_train.md"),
+                    help="markdown file for the results ('' for none)")
     ap.add_argument("--preset", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
-    print(f"machine: {os.cpu_count()} cores; B={args.batch} T={args.seq}; {args.rounds} rounds of "
-          f"{args.steps} timed steps per contender, alternating")
+    lines = [f"machine: {machine()}; B={args.batch} T={args.seq}; {args.rounds} rounds of "
+             f"{args.steps} timed steps per contender, alternating"]
+    print(lines[0], flush=True)
+    table = ["| preset | contender | ms/step | tokens/s | Wyrd's speed-up |", "|---|---|---|---|---|"]
     for preset in args.presets:
         times = {c: [] for c in args.contenders}
         for r in range(args.rounds):
@@ -115,10 +133,25 @@ def main():
         tokens = args.batch * args.seq
         med = {c: median(ts) for c, ts in times.items()}
         for c in args.contenders:
-            print(f"train {preset:5s} {c:14s} {med[c] * 1e3:8.1f} ms/step  {tokens / med[c]:8.0f} tok/s")
-        if "wyrd" in med:
-            for c in args.contenders[1:]:
-                print(f"train {preset:5s} wyrd / {c:14s} {med[c] / med['wyrd']:.2f}x the tokens/s")
+            ratio = f"{med[c] / med['wyrd']:.2f}x" if "wyrd" in med and c != "wyrd" else ""
+            line = f"train {preset:5s} {c:14s} {med[c] * 1e3:8.1f} ms/step  {tokens / med[c]:8.0f} tok/s"
+            print(line + (f"  (Wyrd {ratio} its tokens/s)" if ratio else ""), flush=True)
+            table.append(f"| {preset} | {c} | {med[c] * 1e3:.1f} | {tokens / med[c]:,.0f} | {ratio} |")
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(f"# Training step: Wyrd against the PyTorch Chimera\n\n{datetime.date.today()}, "
+                    f"`python bench/bench_train.py`. {lines[0]}.\n\n" + "\n".join(table) + "\n\n"
+                    "A step is forward, backward, clipping the gradient norm to 1 and AdamW. PyTorch "
+                    f"{_torch_version()}: the RG-LRU scan in parallel (Hillis-Steele doubling), attention "
+                    "through `F.scaled_dot_product_attention` with a sliding-window mask, `F.cross_entropy`, "
+                    "`clip_grad_norm_` and `torch.optim.AdamW`; `torch-compile` compiles the model "
+                    "(its compile time is not counted). Each contender runs in its own process on all "
+                    "cores; the contenders alternate over rounds and the medians are over all rounds' steps.\n")
+
+
+def _torch_version():
+    import torch
+    return torch.__version__
 
 
 if __name__ == "__main__":

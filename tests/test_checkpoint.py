@@ -1,5 +1,5 @@
 """Tests of the checkpoint format (safetensors), the config and the parameter
-names and counts of the spec (the Chimera spec, spec/chimera.md)."""
+names and counts of the architecture's definition (docs/architecture.md, §8)."""
 import json
 import warnings
 import math
