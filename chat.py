@@ -282,7 +282,7 @@ def load_checkpoint(path, quantize=None):
     if not os.path.exists(path):
         if path == DEFAULT_CHECKPOINT:
             raise SystemExit(f"no checkpoint at {path}: make one with `python train.py` "
-                             "(about 11 minutes on 2 cores), or pass --checkpoint PATH")
+                             "(offline, on the built-in corpus), or pass --checkpoint PATH")
         raise SystemExit(f"no checkpoint at {path}")
     try:
         model, tok, _ = wyrd.load(path, quantize=quantize)

@@ -14,7 +14,7 @@ import sys
 # other needs next: a training step measured 2-4x slower. Numba's threads sleep.
 # Except when decoding with int8 weights (chat.py --quantize): its matrix-vector
 # products are ~65 Numba loops a token while BLAS is idle, and waking a sleeping
-# thread for each costs ~50 us. Its threads spin briefly: medium 77 -> 125 tok/s.
+# thread for each costs ~50 us, so its threads spin briefly.
 DECODING = os.path.basename(sys.argv[0]) in ("chat.py", "bench_chat.py")
 INT8_DECODING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}
 if DECODING and any(a.startswith("--q") for a in sys.argv):  # argparse also takes --quant, --q=int8

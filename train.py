@@ -30,7 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 import corpus
-from autograd import FAST, no_grad
+from autograd import FAST, N_PARTIAL, no_grad
 from data import DataError, Rows, load_tokens, tokenizer_texts
 from runtime import atomic_write
 from tokenizer import Tokenizer, TokenizerError
@@ -63,14 +63,11 @@ class TrainConfig:
 
 
 # The defaults are those of the default run (`python train.py`): the `micro` preset on
-# 2 CPU cores, at most 15 minutes in all. The built-in corpus is templated text that a
-# small model learns fast, and Wyrd's init starts every block as the identity, so a
-# high learning rate and a short warmup are safe. 2500 steps, because copying a name
-# from a few sentences back arrives as a sudden drop (near step 800; 1200 before the
-# embedding's init scale went up) and needs the rest to settle (names per story 7.3 at
-# 350 steps, 2.35 at 2000, 1.6-1.85 at 2500); 600 fine-tuning steps at lr 2e-3, because
-# the world facts need steps or rate (42 of 52 after 600 at 1e-3, 45 after 450 at 3e-3,
-# 51 after 600 at 2e-3, 50 after 1000 at 1e-3 in 100 s more). docs/architecture.md
+# 2 CPU cores. The built-in corpus is templated text that a small model learns fast, and
+# Wyrd's init starts every block as the identity, so a high learning rate and a short
+# warmup are safe. Pretraining runs past the sudden drop where the model learns to copy a
+# name from its context, so it keeps one hero a story; fine-tuning takes the steps and
+# rate the world facts need. The runs behind each number: docs/architecture.md §9.
 PRETRAIN = TrainConfig()
 FINETUNE = replace(PRETRAIN, steps=600, seq_len=384, lr=2e-3, min_lr=1e-4, warmup=20, weight_decay=0.01)
 FINAL_VAL_ROWS = 192            # held-out rows of the final evaluation (all of a small split)
@@ -123,11 +120,17 @@ def adamw_kernel(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, decay, step, sq
 
 @njit(parallel=True, cache=True, fastmath=FAST)
 def sum_squares(x):
-    """sum(x^2) accumulated in float64, in one pass (no float64 copy of x)."""
-    total = 0.0
-    for i in prange(x.size):
-        total += np.float64(x[i]) * np.float64(x[i])
-    return total
+    """sum(x^2) accumulated in float64, in one pass (no float64 copy of x). Each chunk
+    sums into a slot of its own, so the total does not depend on which thread ran which
+    chunk: a resumed run clips exactly as the uninterrupted one."""
+    partial = np.zeros(N_PARTIAL)
+    n = x.size
+    for part in prange(N_PARTIAL):
+        total = 0.0
+        for i in range(part * n // N_PARTIAL, (part + 1) * n // N_PARTIAL):
+            total += np.float64(x[i]) * np.float64(x[i])
+        partial[part] = total
+    return partial.sum()
 
 
 def lr_at(step, cfg):
@@ -660,7 +663,8 @@ def _cmd_all(args):
     if args.seed < 0:
         raise DataError(f"--seed must be >= 0, got {args.seed}")
     _fresh(args)
-    run_default(args.out, args.resume, args.preset, replace(PRETRAIN, seed=args.seed), replace(FINETUNE, seed=args.seed))
+    run_default(args.out, args.resume, args.preset,
+                replace(PRETRAIN, seed=args.seed), replace(FINETUNE, seed=args.seed))
 
 
 def _cmd_pretrain(args):

@@ -747,8 +747,7 @@ class Chimera(Module):
 
     def _wyrd_init(self, rng):
         """Changes to the reference init (N(0, 0.02) weights, lambda ~ U(4, 9)), each
-        measured in docs/04 (held-out loss of the hybrid 3.46 -> 0.60 on the built-in
-        stories, 5.03 -> 3.50 on TinyStories):
+        measured in docs/04:
         - Each residual branch's last projection (RG-LRU output_proj, attention o_proj,
           FFN w2) starts at zero, so each block starts as the identity and the stream is
           the token embedding. Under the reference init an RG-LRU branch adds
@@ -761,8 +760,7 @@ class Chimera(Module):
         - The token embedding is drawn with std 0.05 sqrt(128 / d) instead of 0.02 (each
           row's norm 0.57 at every width; medium's 0.018 is about the reference): the
           stream is the embedding plus what the opening branches add, and at 0.02 those
-          soon drown the current token. On TinyStories, held-out loss below the unigram
-          entropy after 25 steps: all attention 0.12 -> 0.40 nats, the hybrid 0.28 -> 0.53."""
+          soon drown the current token."""
         self.embed_tokens.weight.data *= 0.05 * np.sqrt(128 / self.config.d_model) / 0.02
         for layer in self.layers:
             mix = layer.temporal_mix
@@ -944,9 +942,9 @@ class DecodeState:
 
 SERIAL_ROWS = 32  # up to this many tokens, one thread runs the Numba kernels
 # int8 decoding's Numba threads spin between loops (runtime.py), so waking them is cheap
-# and a token's kernels all run on every core (+4% tok/s). But a prompt chunk goes
-# through BLAS, whose core spinning threads would steal: up to 512 tokens its kernels
-# stay on one thread (a 64-token prefill went from 1.4x to ~1.05x float32's time)
+# and a token's kernels all run on every core. But a prompt chunk goes through BLAS,
+# whose threads the spinning ones would rob of the cores: up to 512 tokens its kernels
+# stay on one thread (architecture §7.1)
 SERIAL_ROWS_INT8 = 512
 
 
@@ -1089,8 +1087,8 @@ def load(path, dtype=np.float32, quantize=None):
 # ---------------------------------------------------------------------------
 # int8 inference: the matrices (every Linear and the embedding/head) as int8 rows
 # with a float32 scale per 64 inputs (quant.py); norms, biases and the RG-LRU
-# vectors stay float32. A quarter of the bytes, so decoding, which reads every
-# weight once per token, runs ~3x faster; the loss moves by < 0.01 nats/token.
+# vectors stay float32. A quarter of the bytes, and decoding reads every weight once
+# per token (speed and quality by machine: docs/results/benchmarks.md).
 
 
 def quantize(model):

@@ -24,6 +24,7 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CONTENDERS = ("wyrd", "torch-eager", "torch-compile")
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def wyrd_steps(preset, B, T, warmup, steps):
@@ -51,6 +52,7 @@ def torch_steps(preset, B, T, warmup, steps, compiled):
     import torch.nn.functional as F
     from check_pytorch import TorchChimera
     torch.manual_seed(0)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     cfg = wyrd.get_config(preset)
     model = TorchChimera(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
@@ -110,6 +112,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads per contender (default: all cores)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "bench_train.md"),
                     help="markdown file for the results ('' for none)")
     ap.add_argument("--preset", help=argparse.SUPPRESS)
@@ -117,8 +120,8 @@ def main():
     args = ap.parse_args()
     if args.child:
         return child(args)
-    lines = [f"machine: {machine()}; B={args.batch} T={args.seq}; {args.rounds} rounds of "
-             f"{args.steps} timed steps per contender, alternating"]
+    lines = [f"machine: {machine()}; {args.threads} thread(s) each; B={args.batch} T={args.seq}; "
+             f"{args.rounds} rounds of {args.steps} timed steps per contender, alternating"]
     print(lines[0], flush=True)
     table = ["| preset | contender | ms/step | tokens/s | Wyrd's speed-up |", "|---|---|---|---|---|"]
     for preset in args.presets:
@@ -128,7 +131,8 @@ def main():
             for c in order:
                 cmd = [sys.executable, __file__, "--child", c, "--preset", preset, "--batch", str(args.batch),
                        "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                env = dict(os.environ, **{k: str(args.threads) for k in THREAD_VARIABLES})
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
                 times[c] += json.loads(out.strip().splitlines()[-1])
         tokens = args.batch * args.seq
         med = {c: median(ts) for c, ts in times.items()}

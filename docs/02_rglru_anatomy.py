@@ -84,8 +84,7 @@ the "init" below.
 # %%
 def base_horizon(layer):
     """Horizon in tokens of each channel with the gate open (r_t = 1): 1 / (c |ln a|)."""
-    lam = layer.temporal_mix.lambda_param.data.astype(np.float64)
-    log_a = np.log(1.0 / (1.0 + np.exp(-lam)) + 1e-8)
+    log_a = wyrd.rglru_log_a(layer.temporal_mix.lambda_param.data)[0]
     return 1.0 / (c * -log_a)
 
 
@@ -176,7 +175,7 @@ def gates(layer, xin):
     mix = layer.temporal_mix
     with no_grad():
         r = mix.recurrence_gate_proj(xin).sigmoid().data
-    log_a = np.log(1.0 / (1.0 + np.exp(-mix.lambda_param.data)) + 1e-8)
+    log_a = wyrd.rglru_log_a(mix.lambda_param.data)[0].astype(r.dtype)
     return r, -c * r * log_a
 
 

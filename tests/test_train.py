@@ -74,6 +74,22 @@ def test_adamw_kernel_matches_the_numpy_formula(dtype):
     np.testing.assert_allclose(p, p_ref, rtol=tol, atol=tol)
 
 
+def test_sum_squares_does_not_depend_on_the_threads():
+    """The gradient norm must be bit-identical however the chunks fall on threads, or a
+    resumed run clips differently from the uninterrupted one."""
+    import numba
+    x = np.random.default_rng(3).standard_normal(100_003).astype(np.float32) * 1e3
+    before = numba.get_num_threads()
+    try:
+        totals = set()
+        for n in range(1, before + 1):
+            numba.set_num_threads(n)
+            totals.add(train.sum_squares(x))
+    finally:
+        numba.set_num_threads(before)
+    assert len(totals) == 1
+
+
 def test_sum_squares_accumulates_in_float64():
     x = np.random.default_rng(1).standard_normal(100_003).astype(np.float32) * 1e3
     assert train.sum_squares(x) == pytest.approx(float(np.sum(x.astype(np.float64) ** 2)), rel=1e-12)
