@@ -89,7 +89,7 @@ def quantize_x16(x):
 # VNNI) on the widest registers, and a row's sums stay in LANES float32 lanes to its end.
 # tests/test_quant_asm.py compiles it for seven x86-64 CPUs and checks the instructions.
 
-LANES = 8  # a row's float32 partial sums: one ymm register, so one convert and one FMA a group
+LANES = 16  # a row's float32 partial sums: a zmm register (two ymm), which AVX-512's multiply-adds fill without a shuffle
 
 
 class _Lanes(types.Type):
@@ -130,28 +130,34 @@ def _lanes_zero(typingctx):
 
 
 @intrinsic
-def _madd_group(typingctx, acc, q, o, x, t, j, scale):
-    """acc + scale * s with s[l] = the sum of q[o, j + k] x[t, j + k] over the k in
-    [0, GROUP) with (k // 2) % LANES == l: adjacent products added in pairs (what one
+def _madd_group(typingctx, acc, q, scale, xq, xs, o, t, g):
+    """acc + scale[o, g] xs[t, g] s, with s[l] the sum of q[o, k] xq[t, k] over the k of
+    group g with (k // 2) % LANES == l: adjacent products added in pairs (what one
     pmaddwd does to 16-bit lanes), then upper halves onto lower ones (whole registers).
-    |s| <= 8 * 127 * 32767 < 2^31."""
-    for arr, dtype in ((q, types.int8), (x, types.int16)):
+    |s| <= 4 * 127 * 32767 < 2^24, exact in float32. It loads its own operands: Numba would
+    check each index's sign again every group."""
+    for arr, dtype in ((q, types.int8), (scale, types.float32), (xq, types.int16), (xs, types.float32)):
         if not (isinstance(arr, types.Array) and arr.ndim == 2 and arr.layout == "C" and arr.dtype == dtype):
             raise TypingError(f"_madd_group takes C-contiguous 2-D {dtype} arrays, not {arr}")
 
     def codegen(context, builder, sig, args):
-        acc, q, o, x, t, j, scale = args
+        o, t, g = args[5:]
 
-        def group(ty, arr, row):  # arr[row, j:j + GROUP] as GROUP int32 lanes
-            ptr = cgutils.get_item_pointer(context, builder, ty, context.make_array(ty)(context, builder, arr), [row, j])
-            vec = ir.VectorType(context.get_data_type(ty.dtype), GROUP)
-            return builder.sext(builder.load(builder.bitcast(ptr, vec.as_pointer()), align=1), ir.VectorType(_I32, GROUP))
-        p = builder.mul(group(sig.args[1], q, o), group(sig.args[3], x, t))
+        def at(i, row, col):  # a pointer to args[i][row, col]
+            return cgutils.get_item_pointer(context, builder, sig.args[i],
+                                            context.make_array(sig.args[i])(context, builder, args[i]), [row, col])
+
+        def group(i, row):  # args[i][row, group g] as GROUP int32 lanes
+            vec = ir.VectorType(context.get_data_type(sig.args[i].dtype), GROUP)
+            ptr = builder.bitcast(at(i, row, builder.mul(g, ir.Constant(g.type, GROUP))), vec.as_pointer())
+            return builder.sext(builder.load(ptr, align=1), ir.VectorType(_I32, GROUP))
+        p = builder.mul(group(1, o), group(3, t))
         s = builder.add(_pick(builder, p, range(0, GROUP, 2)), _pick(builder, p, range(1, GROUP, 2)))
         s = _fold(s, builder.add, builder, LANES)
+        scale = builder.fmul(builder.load(at(2, o, g)), builder.load(at(4, t, g)), flags=_FLAGS)
         scales = _pick(builder, builder.insert_element(ir.Constant(_F32x, None), scale, ir.Constant(_I32, 0)), [0] * LANES)
-        return builder.fadd(acc, builder.fmul(builder.sitofp(s, _F32x), scales, flags=_FLAGS), flags=_FLAGS)
-    return _lanes(acc, q, types.intp, x, types.intp, types.intp, types.float32), codegen
+        return builder.fadd(args[0], builder.fmul(builder.sitofp(s, _F32x), scales, flags=_FLAGS), flags=_FLAGS)
+    return _lanes(acc, q, scale, xq, xs, types.intp, types.intp, types.intp), codegen
 
 
 @intrinsic
@@ -168,7 +174,7 @@ def groups_dot(q, scale, xq, xs, o, t, first, stop):
     q[o, k] xq[t, k] (k in group g): int8 row o times token t's int16 input."""
     acc = _lanes_zero()
     for g in range(first, stop):
-        acc = _madd_group(acc, q, o, xq, t, g * GROUP, scale[o, g] * xs[t, g])
+        acc = _madd_group(acc, q, scale, xq, xs, o, t, g)
     return _lanes_sum(acc)
 
 
