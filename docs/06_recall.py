@@ -223,6 +223,10 @@ def predict(model, ids, rows=64):
         return np.concatenate([model(ids[i:i + rows]).data.argmax(-1) for i in range(0, len(ids), rows)])
 
 
+def pct(v):
+    return f"{v:.0%}"
+
+
 def accuracy(model, ids, targets, mask):
     return float(((predict(model, ids) == targets) * mask).sum() / mask.sum())
 
@@ -370,9 +374,11 @@ rep.table(["model", "layers", "decoding state (bytes)", f"recall inside W (dista
           [[label, layout[n], state_bytes[n], memory[n]["inside"], memory[n]["between"], memory[n]["beyond"],
             memory[n]["most_pairs"]] for n, label in MODELS])
 rep.md(f"""
-Each column of recall is the mean over the distances of section 4 in that range, N = {N_DISTANCE}. The
-recurrent layers keep {configs[0].d_model} floats each, {configs[0].d_model * 4} bytes; an attention layer
-keeps {2 * W} x {configs[1].d_model} floats of keys and values, {2 * W * configs[1].d_model * 4:,} bytes.
+Each column of recall is the mean over the distances of section 4 in that range, N = {N_DISTANCE}. A
+recurrent layer keeps {WIDTH} floats, {WIDTH * 4} bytes; an attention layer keeps {2 * W} x {WIDTH} floats of keys
+and values, {2 * W * WIDTH * 4:,} bytes. All attention keeps {state_bytes[1] / state_bytes[0]:.0f} times the
+all-recurrent model's state and recalls {pct(memory[1]['beyond'])} beyond {REACH}; the all-recurrent model's
+{state_bytes[0]} bytes recall {pct(memory[0]['beyond'])} there.
 """)
 rep.record(memory={str(n): memory[n] for n in memory})
 
@@ -387,7 +393,7 @@ rep.record(memory={str(n): memory[n] for n in memory})
 # %%
 rec, att, hyb = memory[0], memory[1], memory[3]
 since = runs[1]["curve"][-3][0]
-moved = runs[1]["curve"][-1][1] - runs[1]["curve"][-3][1]
+moved = runs[1]["heldout"] - runs[1]["curve"][-3][1]
 best = DISTANCES[int(np.argmax(by_distance[1]))]
 far_d = [D for D in DISTANCES if D >= 8]
 rec_far = [by_distance[0][DISTANCES.index(D)] for D in far_d]
@@ -396,20 +402,16 @@ edge = DISTANCES.index(W - 1)
 follows = max(abs(h - r) for h, r in zip(by_distance[3], by_distance[0]))
 
 
-def pct(v):
-    return f"{v:.0%}"
-
-
 rep.md(f"""
 **All attention** recalls {pct(att['inside'])} of the pairs inside its window (chance {pct(CHANCE)}),
 {"near-perfect, as expected" if att['inside'] >= 0.9 else
  f"far from the near-perfect recall expected. After {CFG.steps} steps it has learned part of the task: "
  f"of its answers, {pct(sum(share[1][1:4]))} are the value of another pair of the sequence (the first pair's: "
  f"{pct(share[1][1])}) and {pct(share[1][4])} no value of the sequence; "
- + (f"its held-out accuracy was still rising ({moved:+.0%} since step {since})" if moved > 0.02 else
-    f"its held-out accuracy had stopped rising before the learning rate ran down ({moved:+.0%} since step "
-    f"{since})")}. Its recall is uneven across distances, best at {best} ({pct(max(by_distance[1]))}){
- f", the farthest key its window holds" if best == W - 1 else ""}.
+ + ("its held-out accuracy was still rising" if moved > 0.02 else "its held-out accuracy had levelled off")
+ + f" ({pct(runs[1]['curve'][-3][1])} at step {since}, {pct(runs[1]['heldout'])} at step {CFG.steps})"}.
+Its recall is uneven across distances, best at {best} ({pct(max(by_distance[1]))}){
+ ", the farthest key its window holds" if best == W - 1 else ""}.
 Between W and {REACH} it recalls {pct(att['between'])}{
  ": its stacked layers pass pairs on through the filler, as section 4 allowed" if att['between'] > 2 * CHANCE
  else ""}; beyond {REACH}, {pct(att['beyond'])}: {"chance, as expected, since nothing there reaches it"
