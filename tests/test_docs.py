@@ -138,6 +138,23 @@ def test_05_speed(tmp_path):
     assert "## 4. Decoding cost against context length" in md
 
 
+def test_06_recall(tmp_path):
+    md, n = run_experiment("06_recall", tmp_path)
+    for section in ("## 1. The task", "## 4. Recall against distance", "## 5. Recall against the number of pairs",
+                    "## 7. Recall and decoding memory", "## 8. Against the expectation"):
+        assert section in md
+    assert n["layouts"] == {"0": "RRR", "1": "AAA", "3": "RRA"}
+    params = n["params"].values()
+    assert (max(params) - min(params)) / min(params) < 0.02               # three models of one size
+    W, d = n["window"], n["d_model"]                                      # KV heads x head_dim = d
+    assert n["state_bytes"] == {"0": 3 * d * 4, "1": 3 * 2 * W * d * 4, "3": (2 * d + 2 * W * d) * 4}
+    chance, recall = n["chance"], n["memory"]
+    # after its short training, all attention recalls what its window holds, well above chance (1/32) ...
+    assert recall["1"]["inside"] > 4 * chance, recall
+    # ... and nothing beyond what its three layers can reach
+    assert recall["1"]["beyond"] < 0.15, recall
+
+
 def test_figures_match_their_generator(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(DOCS, "make_figures.py"), "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -202,7 +219,8 @@ def test_doc_links_resolve(doc):
     assert not broken, f"{doc} links to missing files: {broken}"
 
 
-EXPERIMENTS = ["01_autograd_tour", "02_rglru_anatomy", "03_train_tiny", "04_recurrence_vs_attention", "05_speed"]
+EXPERIMENTS = ["01_autograd_tour", "02_rglru_anatomy", "03_train_tiny", "04_recurrence_vs_attention", "05_speed",
+               "06_recall"]
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
