@@ -150,7 +150,7 @@ def test_06_recall(tmp_path):
     assert n["state_bytes"] == {"0": 3 * d * 4, "1": 3 * 2 * W * d * 4, "3": (2 * d + 2 * W * d) * 4}
     chance, recall = n["chance"], n["memory"]
     # after its short training, all attention recalls what its window holds, well above chance (1/32) ...
-    assert recall["1"]["inside"] > 4 * chance, recall
+    assert recall["1"]["inside"] > 3 * chance, recall
     # ... and nothing beyond what its three layers can reach
     assert recall["1"]["beyond"] < 0.15, recall
 
