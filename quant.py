@@ -25,11 +25,12 @@ import math
 
 import numba
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
+
+ir = cgutils.ir  # Numba's LLVM IR builder (llvmlite, which Numba ships and uses)
 
 from autograd import FAST, Tensor, is_grad_enabled, rmsnorm_row
 
