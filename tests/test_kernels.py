@@ -165,6 +165,23 @@ def test_fused_rglru_float32_matches_float64():
     np.testing.assert_allclose(h32.data, h64, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_rglru_does_not_depend_on_where_its_arrays_lie():
+    """Bit-identical values and gradients for inputs at every offset in memory: a
+    vectorised loop and its scalar remainder must round alike, or a run would not repeat."""
+    y, lam, h0, gh = (v.astype(np.float32) for v in (randn(1, 20, 192), rng.uniform(-2, 9, 64), randn(1, 1, 64),
+                                                       randn(1, 20, 64)))
+    results, pads = set(), []
+    for offset in range(32):
+        pads.append(np.empty(offset + 1, np.float32))  # moves where the kernel's own arrays land
+        y2 = np.empty(y.size + 16, np.float32)[offset % 16:offset % 16 + y.size].reshape(y.shape)
+        y2[...] = y
+        t = Tensor(y2, requires_grad=True)
+        h = rglru(t, Tensor(lam), Tensor(h0), 8.0)
+        h.backward(gh)
+        results.add((h.data.tobytes(), t.grad.tobytes()))
+    assert len(results) == 1
+
+
 def test_fused_rglru_gradcheck():
     y, lam, h0 = randn(2, 6, 12), rng.uniform(-2, 9, 4), randn(1, 1, 4)
     gradcheck(lambda a, b, c: rglru(a, b, c, 8.0), [Tensor(y), Tensor(lam), Tensor(h0)])
