@@ -27,7 +27,20 @@ Ctrl-C, a web client gone) is closed with <|im_end|>\\n, so the state always
 holds exactly the ChatML text of the transcript. The cost of a turn does not
 grow with the length of the conversation, and neither does memory.
 """
-from runtime import atomic_write  # first: the thread policy must be in place when NumPy loads
+if __name__ == "__main__":  # Ctrl-C while the imports below run (~0.5 s) ends in one line, not a traceback
+    import os as _os
+    import signal as _signal
+
+    def _interrupted_early(signum, frame):
+        try:
+            _os.write(2, b"[interrupted]\n")
+        except OSError:  # stderr closed
+            pass
+        _os._exit(130)
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # not if ignored (nohup, a background job)
+        _signal.signal(_signal.SIGINT, _interrupted_early)
+
+from runtime import atomic_write  # first import: the thread policy must be in place when NumPy loads
 
 import argparse
 import contextlib
@@ -52,14 +65,14 @@ DEFAULT_CHECKPOINT = os.path.join("out", "wyrd.safetensors")  # what `python tra
 
 
 class Conversation:
-    """One chat: its messages and the decoding state that has read them.
+    """One chat: its messages (unless transcript=False) and the decoding state that has read them.
 
     `pending` holds the ids that belong in the state before the next user turn:
     the system block at first; after a reply, <|im_end|>\\n (plus the reply's last
     token if it was cut short). `state.pos` is the number of tokens read so far.
     """
 
-    def __init__(self, model, tok, system=DEFAULT_SYSTEM):
+    def __init__(self, model, tok, system=DEFAULT_SYSTEM, transcript=True):
         if tok.im_start_id is None or tok.im_end_id is None:
             raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens, so it cannot chat; "
                              "use --raw to continue plain text")
@@ -68,13 +81,14 @@ class Conversation:
         # `<|im_start|>assistant\n` exactly as the template renders the generation prompt
         self.assistant_prefix = tok.render_chat([], add_generation_prompt=True)[0][len(tok.render_chat([])[0]):]
         self.system = system
+        self.transcript = transcript  # False: `messages` stays None, for a server that never reads it
         self.reset()
 
     def reset(self, system=None):
         """Start over (with a new system prompt if given)."""
         if system is not None:
             self.system = system
-        self.messages = [{"role": "system", "content": self.system}]
+        self.messages = [{"role": "system", "content": self.system}] if self.transcript else None
         self.state = self.model.init_state(1)
         self.pending = self.tok.render_message("system", self.system)[0]
         self.recent = deque()
@@ -85,7 +99,8 @@ class Conversation:
         client gone) ends the reply there; the transcript and the state stay in step."""
         user = self.tok.render_message("user", text)[0]   # the text is encoded as text: no special ids
         prompt = self.pending + user + self.assistant_prefix
-        self.messages.append({"role": "user", "content": text})
+        if self.messages is not None:
+            self.messages.append({"role": "user", "content": text})
         if self.recent.maxlen != settings.penalty_window:
             self.recent = deque(self.recent, maxlen=settings.penalty_window)
         reply, last, decoder = [], None, self.tok.stream_decoder()
@@ -93,7 +108,8 @@ class Conversation:
             for last in generate(self.model, self.tok, self.state, prompt, settings, rng, self.stop_ids, self.recent):
                 if last in self.stop_ids:
                     break
-                reply.append(last)
+                if self.messages is not None:
+                    reply.append(last)
                 piece = decoder.push(last)
                 if piece:
                     yield piece
@@ -105,7 +121,8 @@ class Conversation:
             # template's <|im_end|>; an ordinary one (a cut reply) goes in before it.
             unfed = [last] if last is not None and last not in self.stop_ids else []
             self.pending = unfed + [self.tok.im_end_id] + self.tok.encode("\n")
-            self.messages.append({"role": "assistant", "content": self.tok.decode(reply)})
+            if self.messages is not None:
+                self.messages.append({"role": "assistant", "content": self.tok.decode(reply)})
 
     def reply(self, text, settings, rng):
         """The whole reply as one string."""
@@ -121,7 +138,8 @@ HELP = """commands:
   /system [TEXT]       show the system prompt, or set it and start a new conversation
   /set [NAME VALUE]    show the sampling settings, or change one: temperature (0 = greedy),
                        top_k, top_p, repetition_penalty, penalty_window, max_tokens, seed
-  /save FILE           write the conversation as one JSONL line {"messages": [...]}
+  /save FILE           write the conversation to a new FILE as one JSONL line {"messages": [...]}
+  /save! FILE          the same, replacing FILE if it is a regular file (never a symbolic link)
   /quit                exit (or Ctrl-D); Ctrl-C stops a reply and keeps the conversation
   //TEXT               send a message that starts with a slash"""
 
@@ -152,6 +170,24 @@ def visible(text):
     return text.translate(_CONTROL)
 
 
+class OutputError(Exception):
+    """stdout refused a write (a full disk, a reader gone): `error` is the OSError.
+    Its own type, so that main tells stdout's failures from a checkpoint's."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+def write_out(out, text):
+    """Write text to out and flush it; an OSError becomes OutputError."""
+    try:
+        out.write(text)
+        out.flush()
+    except OSError as e:
+        raise OutputError(e) from None
+
+
 def stream(pieces, out=None):
     """Write text pieces to out (stdout) as they come, control characters escaped,
     flushing each. Ctrl-C stops early. -> True if stopped by Ctrl-C."""
@@ -159,14 +195,12 @@ def stream(pieces, out=None):
     with ctrl_c_stops() as stop:
         try:
             for piece in pieces:
-                out.write(visible(piece))
-                out.flush()
+                write_out(out, visible(piece))
                 if stop.is_set():
                     break
         finally:
             pieces.close()
-    out.write("\n")
-    out.flush()
+    write_out(out, "\n")
     return stop.is_set()
 
 
@@ -215,7 +249,7 @@ class Repl:
     def say(self, text):
         """Answer (or continue) one line, streaming to stdout. -> True if Ctrl-C stopped it."""
         if self.raw:
-            sys.stdout.write(text)
+            write_out(sys.stdout, text)
             pieces = complete(self.model, self.tok, text, self.settings, self.rng)
         else:
             pieces = self.conv.turn(text, self.settings, self.rng)
@@ -223,8 +257,28 @@ class Repl:
         if stopped:
             self.note("[stopped]")
         if self.interactive:
-            print()
+            write_out(sys.stdout, "\n")
         return stopped
+
+    def save(self, arg, overwrite):
+        """Write the transcript to the file `arg` names (~ expanded): a new file, or with
+        overwrite a regular file replaced. A symbolic link is never replaced or followed."""
+        path, arg = os.path.expanduser(arg), visible(arg)  # the name as typed, shown safely
+        if os.path.islink(path):
+            return self.note(f"error: {arg} is a symbolic link; not written (name the file it points to)")
+        if os.path.isdir(path):
+            return self.note(f"error: {arg} is a directory; not written")
+        if os.path.lexists(path):
+            if not os.path.isfile(path):  # a device, FIFO or socket: renaming over it would replace it
+                return self.note(f"error: {arg} exists and is not a regular file; not written")
+            if not overwrite:
+                return self.note(f"error: {arg} exists; not written (/save! {arg} replaces it)")
+        try:
+            with atomic_write(path, "w") as f:  # renames over the path: a link made meanwhile is replaced, not followed
+                f.write(json.dumps({"messages": self.conv.messages}, ensure_ascii=False) + "\n")
+        except (OSError, ValueError) as e:  # ValueError: a NUL in the name
+            return self.note(f"error: cannot write {arg}: {getattr(e, 'strerror', None) or e}")
+        self.note(f"[saved {len(self.conv.messages)} messages to {arg}]")
 
     def command(self, line):
         """Run one /command; False means quit."""
@@ -258,16 +312,11 @@ class Repl:
             if setting == "seed":
                 self.rng = np.random.default_rng(self.settings.seed)
             self.note(self.settings.describe())
-        elif name == "/save" and self.conv:
+        elif name in ("/save", "/save!") and self.conv:
             if not arg:
-                self.note("usage: /save FILE")
-                return True
-            try:
-                with atomic_write(arg, "w") as f:
-                    f.write(json.dumps({"messages": self.conv.messages}, ensure_ascii=False) + "\n")
-                self.note(f"[saved {len(self.conv.messages)} messages to {arg}]")
-            except OSError as e:
-                self.note(f"error: cannot write {arg}: {e.strerror}")
+                self.note(f"usage: {name} FILE")
+            else:
+                self.save(arg, overwrite=name == "/save!")
         else:
             self.note(f"unknown command {name!r} (in this mode); /help lists them, //TEXT sends a message")
         return True
@@ -286,8 +335,8 @@ def load_checkpoint(path, quantize=None):
         raise SystemExit(f"no checkpoint at {path}")
     try:
         model, tok, _ = wyrd.load(path, quantize=quantize)
-    except ValueError as e:  # CheckpointError, TokenizerError
-        raise SystemExit(f"error: {e}") from None
+    except ValueError as e:  # CheckpointError, TokenizerError, and json's own (an integer over 4,300 digits)
+        raise SystemExit(f"error: {e}" if path in str(e) else f"error: {path}: {e}") from None
     if tok is None:
         raise SystemExit(f"error: {path} holds no tokenizer; save it with wyrd.save(path, model, tokenizer)")
     if tok.vocab_size > model.config.vocab_size:
@@ -331,8 +380,47 @@ def parse_args(argv=None):
     return args
 
 
+def standard_streams(serve):
+    """Closed standard streams (`>&-`) are None in sys: stdin reads as empty, stderr goes
+    to /dev/null, and stdout, where replies go, is an error unless serving the web chat.
+    -> a one-line error, or None."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")
+    if sys.stdin is None:
+        sys.stdin = open(os.devnull)
+    if sys.stdout is None:
+        if not serve:
+            return "error: stdout is closed, so replies have nowhere to go (redirect it to a file or /dev/null)"
+        sys.stdout = open(os.devnull, "w")
+    return None
+
+
 def main(argv=None):
+    if signal.getsignal(signal.SIGINT) is globals().get("_interrupted_early"):
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the imports are done: Ctrl-C is ours to handle
+    try:
+        return run(argv)
+    except KeyboardInterrupt:  # outside a reply (a reply handles its own Ctrl-C)
+        print("[interrupted]", file=sys.stderr)
+        return 130
+    except OutputError as e:
+        # later writes and the flush at exit go to /dev/null, so the one line stays the only one
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        if isinstance(e.error, BrokenPipeError):  # `python chat.py ... | head`: the reader left
+            return 1
+        print(f"error: cannot write the reply to stdout: {e.error.strerror or e.error}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # stderr's reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        return 1
+
+
+def run(argv):
     args = parse_args(argv)
+    problem = standard_streams(args.serve)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     for f in (sys.stdin, sys.stdout, sys.stderr):  # odd bytes in or out never crash a chat
         with contextlib.suppress(AttributeError, ValueError):
             f.reconfigure(errors="replace")
@@ -358,12 +446,6 @@ def main(argv=None):
     except MemoryError:  # e.g. a config whose sliding_window needs a decoding state of terabytes
         raise SystemExit(f"error: {args.checkpoint}: the model and its decoding state need more memory than "
                          "this machine has") from None
-    except KeyboardInterrupt:  # outside a reply (a reply handles its own Ctrl-C)
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # `python chat.py ... | head`: the reader left
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
 
 
 if __name__ == "__main__":

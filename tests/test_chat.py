@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import select
+import shlex
 import signal
 import subprocess
 import sys
@@ -490,3 +491,107 @@ def test_sigint_through_a_pipe_stops_only_the_reply(babbler_file, tmp_path):
     assert p.returncode == 0 and b"[stopped]" in err
     messages = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+
+
+# ---------------------------------------------------------------------------
+# Faults from outside: files in the way of /save, stdout that cannot be written,
+# Ctrl-C before the REPL is up, a checkpoint json cannot read
+
+
+def test_save_never_replaces_a_file_unasked_nor_a_link_nor_anything_odd(babbler_file, tmp_path):
+    (tmp_path / "old.jsonl").write_text("old\n")
+    (tmp_path / "real").write_text("target\n")
+    os.symlink("real", tmp_path / "link")
+    os.symlink("nowhere", tmp_path / "dangling")
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    home = tmp_path / "home"
+    home.mkdir()
+    cases = [("/save new.jsonl", "[saved 3 messages to new.jsonl]"),
+             ("/save old.jsonl", "error: old.jsonl exists; not written (/save! old.jsonl replaces it)"),
+             ("/save link", "error: link is a symbolic link; not written (name the file it points to)"),
+             ("/save! link", "error: link is a symbolic link; not written"),
+             ("/save dangling", "error: dangling is a symbolic link"),
+             ("/save! dangling", "error: dangling is a symbolic link"),
+             ("/save dir", "error: dir is a directory; not written"),
+             ("/save! dir/", "error: dir/ is a directory; not written"),
+             ("/save! fifo", "error: fifo exists and is not a regular file; not written"),
+             ("/save! /dev/null", "error: /dev/null exists and is not a regular file; not written"),
+             ("/save no/such/dir/x", "error: cannot write no/such/dir/x: No such file or directory"),
+             ("/save a\x00b", "error: cannot write a\\x00b: embedded null byte"),
+             ("/save " + "x" * 300, ": File name too long"),
+             ("/save!", "usage: /save! FILE"),
+             ("/save ~/t.jsonl", "[saved 3 messages to ~/t.jsonl]"),
+             ("/save! old.jsonl", "[saved 3 messages to old.jsonl]")]
+    lines = ["Hello", *(line for line, _ in cases)]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "chat.py"), "--checkpoint", babbler_file,
+                        "--max-tokens", "3"], input="\n".join(lines) + "\n", capture_output=True, text=True,
+                       cwd=tmp_path, timeout=60, env={**os.environ, "HOME": str(home)})
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    said = r.stderr.splitlines()
+    assert len(said) == len(cases)
+    for (line, expect), got in zip(cases, said):
+        assert expect in got, (line, got)
+    saved = json.loads((tmp_path / "new.jsonl").read_text())["messages"]
+    assert json.loads((tmp_path / "old.jsonl").read_text())["messages"] == saved   # replaced by /save! only
+    assert json.loads((home / "t.jsonl").read_text())["messages"] == saved
+    assert os.readlink(tmp_path / "link") == "real" and (tmp_path / "real").read_text() == "target\n"
+    assert os.readlink(tmp_path / "dangling") == "nowhere" and not (tmp_path / "nowhere").exists()
+    assert os.listdir(tmp_path / "dir") == [] and os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "dir", "fifo", "home", "link", "new.jsonl", "old.jsonl",
+                                            "real"]                       # no temporary file left behind
+
+
+def test_stdout_that_cannot_be_written_is_one_line_and_exit_2(babbler_file):
+    args = [sys.executable, "chat.py", "--checkpoint", babbler_file, "--max-tokens", "5"]
+    with open("/dev/full", "w") as full:                               # every write: ENOSPC
+        for extra, stdin in [(["--prompt", "hi"], None), (["--raw", "--prompt", "Once"], None), ([], b"Hi\n")]:
+            r = subprocess.run(args + extra, input=stdin, stdout=full, stderr=subprocess.PIPE, cwd=ROOT, timeout=60)
+            assert r.returncode == 2, (extra, r.stderr)
+            assert r.stderr.decode() == "error: cannot write the reply to stdout: No space left on device\n"
+    for shell in ["{} >&-", "{} >&- <&-"]:                             # stdout closed (and stdin too)
+        cmd = shell.format(" ".join(map(shlex.quote, args + ["--prompt", "hi"])))
+        r = subprocess.run(["sh", "-c", cmd], stderr=subprocess.PIPE, cwd=ROOT, timeout=60)
+        assert r.returncode == 2 and r.stderr.decode().count("\n") == 1, r.stderr
+        assert r.stderr.startswith(b"error: stdout is closed"), r.stderr
+    r = subprocess.run(args + ["--prompt", "hi"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                       timeout=60, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 2 and r.stderr.startswith(b"error: stdout is closed") and r.stderr.count(b"\n") == 1
+    # stdin or stderr closed: an empty input; replies still reach stdout
+    r = subprocess.run(["sh", "-c", " ".join(map(shlex.quote, args)) + " <&-"], capture_output=True, cwd=ROOT,
+                       timeout=60)
+    assert r.returncode == 0 and r.stdout == b"" and r.stderr == b""
+    r = subprocess.run(["sh", "-c", " ".join(map(shlex.quote, args + ["--prompt", "hi"])) + " 2>&-"],
+                       capture_output=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip()
+
+
+def test_ctrl_c_while_chat_py_starts_is_one_line_and_exit_130(babbler_file):
+    """The imports take ~0.5 s; Ctrl-C then gave a KeyboardInterrupt traceback."""
+    for delay in (0.1, 0.2, 0.3, 0.5):
+        p = subprocess.Popen([sys.executable, "chat.py", "--checkpoint", babbler_file, "--prompt", "hi",
+                              "--max-tokens", "100000"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            time.sleep(delay)
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
+        assert p.returncode == 130 and err.decode() in ("[interrupted]\n", "[stopped]\n"), (delay, err)
+
+
+def test_a_checkpoint_json_cannot_read_is_named_in_its_one_line(babbler_file, tmp_path):
+    import struct
+    with open(babbler_file, "rb") as f:
+        raw = f.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8:8 + n].decode()
+    first = header.index('"data_offsets":[') + len('"data_offsets":[')    # the first tensor's start: 5,000 nines
+    for name, text in [("bigint.safetensors", header[:first] + "9" * 5000 + header[header.index(",", first):]),
+                       ("deep.safetensors", "[" * 100_000 + "]" * 100_000)]:
+        path = tmp_path / name
+        data = text.encode()
+        path.write_bytes(struct.pack("<Q", len(data)) + data + raw[8 + n:])
+        r = run_chat(["--checkpoint", str(path), "--prompt", "hi"])
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith(f"error: {path}: "), r.stderr
