@@ -63,7 +63,8 @@ def atomic_write(path, mode="wb"):
     """Write a file so that a reader (or a run killed at any instant) sees the old
     file or the new one, never part of one: yields `path.tmpPID` open in `mode`;
     on a clean exit it is flushed, fsynced and renamed over `path`, on an error
-    removed. Every file Wyrd writes goes through here.
+    removed. Every file Wyrd writes goes through here. An error of the write itself
+    (a full disk, a file-size limit) names `path`, never the temporary.
 
         with atomic_write("x.json", "w") as f:
             f.write(text)
@@ -76,6 +77,32 @@ def atomic_write(path, mode="wb"):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        # write() and fsync() raise without a file name, open() and replace() name the
+        # temporary; the caller's own errors (reading a source) name their file and pass
+        if e.errno is not None and e.filename in (None, tmp):
+            raise type(e)(e.errno, e.strerror, path) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temps(path):
+    """Delete `path.tmpPID` files that atomic_write left when its process was killed
+    (their PID is gone); a live process's temporary is left alone."""
+    folder, prefix = os.path.dirname(os.path.abspath(path)), os.path.basename(path) + ".tmp"
+    try:
+        names = os.listdir(folder)
+    except OSError:  # no folder yet: nothing left behind
+        return
+    for name in names:
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isascii() and pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):  # another run removed it first
+                    os.remove(os.path.join(folder, name))
+            except (OSError, OverflowError):
+                pass  # alive, not ours to ask about, or no PID at all (too large): leave it
