@@ -13,7 +13,16 @@ cache, batches, `python data.py download|convert`) is data.py; the built-in
 corpus is corpus.py. `python train.py COMMAND --help` lists every flag with its
 default.
 """
-import wyrd  # first: the thread policy (runtime.py) must be in place when NumPy loads
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while the libraries load (~0.5 s): one line, not a traceback
+    def _interrupted_while_loading(signum, frame):
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
+    signal.signal(signal.SIGINT, _interrupted_while_loading)
+
+import wyrd  # first among the libraries: the thread policy (runtime.py) must be in place when NumPy loads
 
 import argparse
 import contextlib
@@ -21,8 +30,6 @@ import itertools
 import json
 import math
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -32,7 +39,7 @@ from numba import njit, prange
 import corpus
 from autograd import FAST, N_PARTIAL, no_grad
 from data import DataError, Rows, load_tokens, tokenizer_texts
-from runtime import atomic_write
+from runtime import atomic_write, remove_stale_temps
 from tokenizer import Tokenizer, TokenizerError
 
 # ----------------------------------------------------------------------------
@@ -159,12 +166,21 @@ class Diverged(RuntimeError):
     pass
 
 
+PHASES = ("pretrain", "finetune")
+
+
 def log_path_of(out):
     return os.path.splitext(out)[0] + ".jsonl"
 
 
 def state_path_of(out):
     return os.path.splitext(out)[0] + ".train.safetensors"
+
+
+def run_files(out):
+    """The files a run at `out` writes -> what each holds: the model checkpoint, the training
+    state, the state set aside during a save (below) and the metrics log."""
+    return {out: "model", state_path_of(out): "state", prev_state_path_of(out): "state", log_path_of(out): "log"}
 
 
 def evaluate(model, rows, cfg, batches=None):
@@ -218,6 +234,12 @@ def train(model, tok, rows, val_rows, cfg, out, phase, data_key, meta=None, resu
         raise ValueError(f"{phase}: this model has {model.quantized} weights, for inference only; "
                          "train from the float checkpoint (wyrd.load without quantize)")
     opt = AdamW(model.named_parameters(), weight_decay=cfg.weight_decay)
+    for path in run_files(out):  # what saves cut short by a kill left behind (a medium state: 1.8 GB)
+        remove_stale_temps(path)
+    if not resume and fresh_log:  # the replaced run goes first: a kill before the first save leaves no mix
+        for path in (out, state_path_of(out), prev_state_path_of(out)):
+            if os.path.exists(path):
+                os.remove(path)
     step = load_train_state(out, opt, phase, data_key) if resume else 0
     _trim_log(log_path_of(out), phase, step, keep_other_phases=resume or not fresh_log)
     meta = dict(meta or {}, phase=phase)
@@ -235,8 +257,7 @@ def train(model, tok, rows, val_rows, cfg, out, phase, data_key, meta=None, resu
             try:
                 loss, norm = train_step(model, opt, rows, cfg, step)
             except Diverged as e:
-                raise Diverged(f"{phase} {e}. Stopping; the last good checkpoint is kept at {out}. "
-                               "Try a lower --lr.") from None
+                raise Diverged(f"{phase} {e}. Stopping; {_left_after_divergence(out)}") from None
             step += 1
             # log every step to the JSONL file, a line to the terminal every cfg.log_every
             elapsed = time.time() - t_start
@@ -246,8 +267,7 @@ def train(model, tok, rows, val_rows, cfg, out, phase, data_key, meta=None, resu
                       "tokens_per_s": round(tok_s, 1), "elapsed": round(elapsed, 2)}
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
                 record["val_loss"] = evaluate(model, val_rows, cfg)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+            _append(log, record)
             if step % cfg.log_every == 0 or step in (first + 1, cfg.steps) or "val_loss" in record:
                 eta = (f" | ETA {_hms((cfg.steps - step) * (elapsed - t_first) / (step - first - 1))}"
                        if step > first + 1 else "")
@@ -259,7 +279,7 @@ def train(model, tok, rows, val_rows, cfg, out, phase, data_key, meta=None, resu
                 save_checkpoint(out, model, tok, opt, step, cfg, phase, data_key, meta)
         if step >= cfg.steps:  # the end: losses of the final model, logged like a step
             summary = final_losses(model, tok, rows, val_rows, cfg, phase, step)
-            log.write(json.dumps(dict(summary, loss=summary["train_loss"], final=True)) + "\n")
+            _append(log, dict(summary, loss=summary["train_loss"], final=True))
             meta[phase] = summary
             print(f"{phase} done: held-out loss {summary['val_loss']:.4f} nats/token"
                   + (f" ({summary['val_bits_per_byte']:.4f} bits/byte)" if "val_bits_per_byte" in summary else "")
@@ -269,6 +289,28 @@ def train(model, tok, rows, val_rows, cfg, out, phase, data_key, meta=None, resu
     if interrupted:
         print(f"stopped at step {step}; continue with the same command and --resume")
     return dict(summary, interrupted=interrupted, step=step, meta=meta)
+
+
+def _append(log, record):
+    """One record to the open log, flushed; a failed write (a full disk) names the log."""
+    try:
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    except OSError as e:
+        with contextlib.suppress(OSError):  # closed now: the unwritten rest would fail again, unnamed, at exit
+            log.close()
+        raise type(e)(e.errno, e.strerror, log.name) from None
+
+
+def _left_after_divergence(out):
+    """What a diverged run leaves, and a command that starts again."""
+    try:
+        meta = json.loads(wyrd.read_safetensors(out, data=False)[1]["meta"])
+        kept = f"{meta['phase']} step {meta['step']}"
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # no checkpoint (ValueError: CheckpointError)
+        return "no checkpoint was saved. Start again (without --resume) with a lower --lr."
+    return (f"the last good checkpoint, {kept}, is kept at {out}. Resuming would repeat the same steps: "
+            "start over with a lower --lr and --overwrite, or with another --out.")
 
 
 def final_losses(model, tok, rows, val_rows, cfg, phase, step):
@@ -312,22 +354,36 @@ def _hms(seconds):
         else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def log_record(line):
+    """The record of one line of a metrics log (bytes), or None for a line that is not one
+    (cut short by a kill, or edited)."""
+    try:
+        r = json.loads(line.decode("utf-8"))
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None
+    return r if isinstance(r, dict) and r.get("phase") in PHASES and type(r.get("step")) is int else None
+
+
 def _trim_log(path, phase, step, keep_other_phases):
     """Drop this phase's records after `step` (all of them for a fresh start, step 0), so
     a resumed run's log reads as if it had never stopped; other phases' records stay
-    when asked (the default run logs both phases in one file)."""
+    when asked (the default run logs both phases in one file). Lines that are not
+    records are dropped, with a note."""
     if not os.path.exists(path):
         return
-    keep = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if (r.get("phase") != phase and keep_other_phases) or (
-                    r.get("phase") == phase and r.get("step", 0) <= step and not r.get("final")):
-                keep.append(line)
+    keep, bad = [], []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            r = log_record(line)
+            if r is None:
+                if line.strip():
+                    bad.append(number)
+            elif (r["phase"] != phase and keep_other_phases) or (
+                    r["phase"] == phase and r["step"] <= step and not r.get("final")):
+                keep.append(line.decode("utf-8").rstrip("\r\n") + "\n")
+    if bad:
+        print(f"note: {path}: dropped {len(bad)} line(s) that are not log records, line {bad[0]} first",
+              file=sys.stderr)
     with atomic_write(path, "w") as f:
         f.write("".join(keep))
 
@@ -363,28 +419,66 @@ def read_train_state(out):
     """-> (tensors, state) of the train state whose step is the model checkpoint's. After
     a save cut short that is `.train.prev.safetensors`, which is put back in place."""
     path, prev = state_path_of(out), prev_state_path_of(out)
-    if not os.path.exists(path) and not os.path.exists(prev):
+    has_state = os.path.exists(path) or os.path.exists(prev)
+    if not os.path.exists(out) and has_state:
+        raise wyrd.CheckpointError(f"{out}: no checkpoint to resume from (the run stopped before saving its "
+                                   "first); start it again without --resume")
+    if not os.path.exists(out):
         raise wyrd.CheckpointError(f"{path}: no training state to resume from (run without --resume to start)")
+    if not has_state:
+        raise wyrd.CheckpointError(f"{path}: no training state to resume from, so {out} cannot be continued; "
+                                   "start over with --overwrite, or choose another --out")
+    metadata = wyrd.read_safetensors(out, data=False)[1]
     try:
-        model_step = json.loads(wyrd.read_safetensors(out, data=False)[1].get("meta", "{}")).get("step")
+        model_step = json.loads(metadata.get("meta", "{}")).get("step")
     except (ValueError, AttributeError, RecursionError):
         raise wyrd.CheckpointError(f"{out}: bad __metadata__['meta']; cannot tell which step it holds") from None
     steps = {}
     for candidate in (path, prev):
         if os.path.exists(candidate):
             tensors, metadata = wyrd.read_safetensors(candidate)
-            try:
-                state = json.loads(metadata["wyrd_train_state"])
-            except (KeyError, ValueError, RecursionError):
-                raise wyrd.CheckpointError(f"{candidate}: not a Wyrd training state (no wyrd_train_state "
-                                           "metadata)") from None
-            if state.get("step") == model_step:
+            state = _train_state_of(candidate, metadata)
+            if state["step"] == model_step:
                 if candidate == prev:
                     os.replace(prev, path)
                 return tensors, state
-            steps[candidate] = state.get("step")
+            steps[candidate] = state["step"]
     raise wyrd.CheckpointError(f"{out} is at step {model_step} but " + " and ".join(
-        f"{p} at step {s}" for p, s in steps.items()) + ": the pair cannot be resumed exactly")
+        f"{p} at step {s}" for p, s in steps.items()) + ": the pair cannot be resumed exactly; start over with "
+        "--overwrite, or choose another --out")
+
+
+def _train_state_of(path, metadata):
+    """The wyrd_train_state of a state file, checked, so that a file edited by hand or
+    written by another version of train.py is one line naming what was expected."""
+    try:
+        state = json.loads(metadata["wyrd_train_state"])
+    except (KeyError, ValueError, RecursionError):
+        raise wyrd.CheckpointError(f"{path}: not a Wyrd training state (no wyrd_train_state metadata)") from None
+
+    def bad(problem):
+        return wyrd.CheckpointError(f"{path}: wyrd_train_state {problem}; expected what train.py writes: an "
+                                    "object of phase, step, adam_t, data_key and config (every training setting)")
+    if not isinstance(state, dict):
+        raise bad(f"is a JSON {type(state).__name__}")
+    for key, kind in (("phase", str), ("step", int), ("adam_t", int), ("data_key", str), ("config", dict)):
+        if key not in state:
+            raise bad(f"has no {key!r}")
+        if type(state[key]) is not kind or (kind is int and state[key] < 0):
+            raise bad(f"has {key} {state[key]!r:.40}")
+    if state["phase"] not in PHASES:
+        raise bad(f"has phase {state['phase']!r:.40}")
+    config, names = state["config"], [f.name for f in fields(TrainConfig)]
+    for name in config:
+        if name not in names:
+            raise bad(f"config has unknown setting {name!r:.40}")
+    for name in names:
+        if name not in config:
+            raise bad(f"config has no {name!r}")
+        want = type(getattr(PRETRAIN, name))  # a float setting may be saved as an int (lr 1)
+        if not (type(config[name]) is want or (want is float and type(config[name]) is int)):
+            raise bad(f"config has {name} {config[name]!r:.40}, not a{'n' if want is int else ''} {want.__name__}")
+    return state
 
 
 def load_train_state(out, opt, phase, data_key):
@@ -445,6 +539,45 @@ def fit_seq_len(cfg, config):
 def _check_seq_len(cfg, config):
     if cfg.seq_len > config.max_seq_len:
         raise DataError(f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+
+
+def available_memory():
+    """Bytes of memory a new program can take without swapping (Linux's MemAvailable; the
+    free pages elsewhere), or None where neither is known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this system (macOS, Windows)
+        return None
+
+
+def memory_needed(cfg, config):
+    """Bytes a training run takes, roughly: four float32 copies of the parameters (weights,
+    gradients, AdamW's two moments), the activations one micro-batch keeps for backward,
+    and ~0.2 GB for Python, NumPy and the compiled kernels. The activations were measured
+    (peak RSS of nano, micro and tiny runs) at ~6 floats per token per layer for each of
+    d_model and the FFN width, plus ~2 per token for each logit; attention keeps no score
+    matrix. The vocabulary is the config's, an upper bound before a tokenizer is trained."""
+    d, ffn, layers, vocab = config.d_model, config.ffn_hidden, config.n_layers, config.vocab_size
+    params = vocab * d + layers * (3 * d * ffn + 4 * d * d)  # embedding, FFNs, mixing (to a few %)
+    activations = cfg.batch_size * cfg.seq_len * (6 * layers * (d + ffn) + 2 * vocab)
+    return 4 * (4 * params + activations) + 0.2e9
+
+
+def check_memory(cfg, config):
+    """Refuse, before anything is built, a run that cannot fit in the memory available."""
+    need, have = memory_needed(cfg, config), available_memory()
+    if have is not None and need > have:
+        raise DataError(f"--batch-size {cfg.batch_size}, --seq-len {cfg.seq_len}: this model "
+                        f"({config.d_model} wide, {config.n_layers} layers) needs about {need / 1e9:,.1f} GB "
+                        f"of memory to train and {have / 1e9:.1f} GB is available; use a smaller --batch-size "
+                        "or --seq-len (with --grad-accum for the same tokens per step) or a smaller --preset")
 
 
 def _out_dir(out):
@@ -611,14 +744,106 @@ def build_parser():
     return parser
 
 
-def _fresh(args):
-    """A new run must not destroy one the user made: without --resume, refuse to
-    replace an existing run at --out unless --overwrite says so."""
-    if args.resume or args.overwrite:
+def check_out(args):
+    """--out and the files named after it, before anything is built or written: a checkpoint
+    file name in a folder that exists or can be made, none of its files a file the run reads."""
+    out, name = args.out, os.path.basename(args.out)
+    if not name.endswith(".safetensors") or name == ".safetensors":  # else the log could be `out` itself
+        raise DataError(f"--out {out!r}: expected a checkpoint file name ending in .safetensors (the metrics "
+                        "log and training state are named after it)")
+    if name.endswith((".train.safetensors", ".train.prev.safetensors")):
+        raise DataError(f"--out {out}: that is the name of another run's training state; choose another --out")
+    if os.path.isdir(out):
+        raise DataError(f"--out {out}: is a folder; expected a checkpoint file such as "
+                        f"{os.path.join(out, 'wyrd.safetensors')}")
+    folder = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(folder):  # the folders still to be made: check the nearest that exists
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise DataError(f"--out {out}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out}: cannot write in the folder {folder}")
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not known here (Windows): the usual limit
+        name_max = 255
+    longest = max(len(os.path.basename(p).encode()) for p in run_files(out)) + len(".tmp4194304")
+    if longest > name_max:  # else the first checkpoint fails, after the training it should keep
+        raise DataError(f"--out {out}: the name is too long: its training state's temporary file would have "
+                        f"{longest} bytes, over the {name_max} a file name may have here")
+    sources = [("--data", d) for d in getattr(args, "data", None) or []]
+    sources += [(flag, getattr(args, flag[2:], None)) for flag in ("--init", "--tokenizer")]
+    for path, kind in run_files(out).items():
+        for flag, source in sources:
+            if source and _same_file(path, source):
+                raise DataError(f"--out {out}: its {FILE_KINDS[kind]} {path} would replace the {flag} file; "
+                                "choose another --out")
+
+
+FILE_KINDS = {"model": "checkpoint", "state": "training state", "log": "metrics log"}
+
+
+def _same_file(a, b):
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:  # a hard link
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def is_run_file(path, kind):
+    """Whether `path` holds what a training run writes as `kind`, so that replacing it loses
+    nothing the user made: a model with Wyrd's metadata and a training step, a training
+    state, or a log whose first lines are mostly log records (one may be cut short or edited)."""
+    if kind == "log":
+        records = others = 0
+        try:
+            with open(path, "rb") as f:
+                for _ in range(100):
+                    line = f.readline(1 << 16)  # a long line is not a record: no need to read it all
+                    if not line:
+                        break
+                    if log_record(line):
+                        records += 1
+                    elif line.strip():
+                        others += 1
+        except OSError:  # a folder, or unreadable
+            return False
+        return records >= others
+    try:
+        metadata = wyrd.read_safetensors(path, data=False)[1]
+    except (OSError, wyrd.CheckpointError):
+        return False
+    if kind == "state":
+        return "wyrd_train_state" in metadata
+    try:
+        meta = json.loads(metadata.get("meta", "{}"))
+    except (ValueError, RecursionError):
+        return False
+    return metadata.get("format") == "wyrd" and isinstance(meta, dict) and "step" in meta
+
+
+def claim_run_files(args):
+    """A run never destroys what the user made. Without --resume it replaces the run at --out
+    only on --overwrite, or when that run saved no checkpoint (nothing there to resume; the
+    files go when training starts); a file that is not a run's own is never replaced."""
+    found = {p: kind for p, kind in run_files(args.out).items() if os.path.lexists(p)}
+    for path, kind in found.items():
+        # resuming reads the checkpoint and state, whose readers say what is wrong; it rewrites the log
+        if (kind == "log" or not args.resume) and not is_run_file(path, kind):
+            raise DataError(f"{path}: exists and is not a Wyrd {FILE_KINDS[kind]}; a run replaces only its own "
+                            "files: move it away, or choose another --out")
+    if args.resume or args.overwrite or not found:
         return
-    found = [p for p in (args.out, state_path_of(args.out), log_path_of(args.out)) if os.path.exists(p)]
-    if found:
-        raise DataError(f"{found[0]} exists: continue that run with --resume, start over with --overwrite, "
+    if args.out not in found:
+        print(f"note: starting over, replacing what a run that saved no checkpoint left: {', '.join(found)}",
+              file=sys.stderr)
+    elif not (os.path.exists(state_path_of(args.out)) or os.path.exists(prev_state_path_of(args.out))):
+        raise DataError(f"{args.out} exists, without a training state to resume it: start over with --overwrite, "
+                        "or choose another --out")
+    else:
+        raise DataError(f"{args.out} exists: continue that run with --resume, start over with --overwrite, "
                         "or choose another --out")
 
 
@@ -662,20 +887,34 @@ def _config(args, defaults, phase, model_config=None):
 def _cmd_all(args):
     if args.seed < 0:
         raise DataError(f"--seed must be >= 0, got {args.seed}")
-    _fresh(args)
+    check_out(args)
+    claim_run_files(args)
+    config = wyrd.get_config(args.preset)
+    for cfg in (PRETRAIN, FINETUNE):
+        check_memory(fit_seq_len(cfg, config), config)
     run_default(args.out, args.resume, args.preset,
                 replace(PRETRAIN, seed=args.seed), replace(FINETUNE, seed=args.seed))
 
 
 def _cmd_pretrain(args):
+    check_out(args)
+    claim_run_files(args)
     cfg = _config(args, PRETRAIN, "pretrain", wyrd.get_config(args.preset))
-    _fresh(args)
+    config = wyrd.read_config(args.out) if args.resume else wyrd.get_config(args.preset)
+    _check_seq_len(cfg, config)
+    check_memory(cfg, config)
     pretrain(args.data, args.out, args.preset, args.tokenizer, cfg, args.resume)
 
 
 def _cmd_finetune(args):
-    cfg = _config(args, FINETUNE, "finetune", wyrd.read_config(args.init) if args.init else None)
-    _fresh(args)
+    check_out(args)
+    claim_run_files(args)
+    config = wyrd.read_config(args.init) if args.init and not args.resume else None
+    cfg = _config(args, FINETUNE, "finetune", config)
+    config = wyrd.read_config(args.out) if args.resume else config
+    if config is not None:  # else finetune() says --init is missing
+        _check_seq_len(cfg, config)
+        check_memory(cfg, config)
     finetune(args.data, args.init, args.out, cfg, args.resume, None if args.lang == "all" else args.lang)
 
 
@@ -686,8 +925,8 @@ def main(argv=None):
         return 2
     if not argv or argv[0] not in ("all", "pretrain", "finetune", "-h", "--help"):
         argv = ["all"] + argv
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.func(args)
     except (DataError, TokenizerError, wyrd.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -696,7 +935,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # disk full, a missing or read-only folder: the last checkpoint is kept
-        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {str(e.filename) + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except MemoryError:  # more than check_memory estimated, or memory other programs took meanwhile
+        print("error: out of memory: a smaller --batch-size or --seq-len (with --grad-accum for the same "
+              "tokens per step) or a smaller --preset needs less", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside the training loop (which saves first), or a second Ctrl-C
         print("\ninterrupted", file=sys.stderr)
@@ -705,4 +948,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # loaded: Ctrl-C is main()'s to handle again
     sys.exit(main())
