@@ -373,8 +373,8 @@ def write_chats(path, chats):
 # Tokenised data, cached. A source is a file path or `builtin[:N]` (N generated
 # stories or conversations). Its tokens are written once as a raw memmap,
 # `{source}.{key}.tok.u16` (u32 for vocabularies over 65536) with a JSON
-# sidecar, where the key hashes the data (name, size, mtime; for the built-in
-# corpus, its text) and the tokenizer. Every document ends with <|endoftext|>.
+# sidecar, where the key hashes the data (the file's name and bytes; for the
+# built-in corpus, its text) and the tokenizer. Every document ends with <|endoftext|>.
 # Chat caches hold two columns: token id and loss mask.
 
 def builtin_documents(source, chat):
@@ -443,6 +443,20 @@ def _remove_stale_temps(path):
                 pass  # alive, or not ours to ask about: leave it
 
 
+def _file_digest(path):
+    """sha256 of a file's bytes, read in 1 MB blocks. The cache (and so a run's data key,
+    which --resume compares) follows the content: a `touch` keeps it, an edit that keeps
+    the size and modification time does not. Hashing costs far less than tokenising."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    return h.hexdigest()
+
+
 def _tokenize(source, tok, out_dir, chat, lang):
     """-> (tokens [n, width], key). width 1 for stories, 2 (id, mask) for chats."""
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
@@ -452,12 +466,8 @@ def _tokenize(source, tok, out_dir, chat, lang):
         key = _sha("chats" if chat else "stories", json.dumps(docs), tok_key)
         bases = [os.path.join(out_dir, f"builtin-{'chats' if chat else 'stories'}-{len(docs)}")]
     else:
-        try:
-            st = os.stat(source)
-        except OSError as e:
-            raise DataError(f"{source}: cannot read ({e.strerror})") from None
-        key = _sha("chats" if chat else "stories", os.path.basename(source), str(st.st_size),
-                   str(st.st_mtime_ns), lang or "", tok_key)
+        key = _sha("chats" if chat else "stories", os.path.basename(source), _file_digest(source),
+                   lang or "", tok_key)
         # beside the source, unless its folder is read-only (by its mode bits too: root
         # may write anywhere, but a folder without write bits is not ours to fill)
         folder = os.path.dirname(os.path.abspath(source))

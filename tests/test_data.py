@@ -384,3 +384,24 @@ def test_packed_rows_keep_conversations_whole_and_mask_padding():
     assert short.starts.tolist() == [0, 5] and short.lengths.tolist() == [5, 4]
     x, y, m = short.batch([1])
     assert x[0].tolist() == [5, 7, 7, 0] and m[0].tolist() == [1, 1, 0, 0]
+
+
+# ---------------------------------------------------------------------------- reliability: the cache key
+
+def test_the_cache_key_follows_the_content_not_the_modification_time(tmp_path, tok, monkeypatch):
+    src = tmp_path / "stories.txt"
+    src.write_text("Tom had a red hat.<|endoftext|>Ann had a blue cup.\n")
+    out_dir = str(tmp_path / "out")
+    _, _, key = data.load_tokens([str(src)], tok, out_dir)
+    st = os.stat(src)
+    os.utime(src, ns=(st.st_atime_ns + 5 * 10**9, st.st_mtime_ns + 5 * 10**9))    # `touch`
+    monkeypatch.setattr(Tokenizer, "encode_batch", lambda *a: pytest.fail("tokenized again"))
+    assert data.load_tokens([str(src)], tok, out_dir)[2] == key                     # same key: resume goes on
+    monkeypatch.undo()
+    st = os.stat(src)
+    src.write_text("Tom had a red cap.<|endoftext|>Ann had a blue cup.\n")         # same size ...
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))                               # ... and time
+    tr, val, key2 = data.load_tokens([str(src)], tok, out_dir)
+    assert key2 != key
+    assert np.concatenate([tr, val])[:, 0].tolist() == tok.encode("Tom had a red cap.") + [tok.eot_id] + \
+        tok.encode("Ann had a blue cup.") + [tok.eot_id]
