@@ -402,20 +402,30 @@ def _sha(*parts):
     return h.hexdigest()[:16]
 
 
-def _cached(base, key, dtype, width, chunks):
+def _cached(base, key, dtype, width, chunks, vocab_size):
     """Token array [n, width] at `{base}.{key}.tok.*`, built from chunks() on a miss.
     The data is written under a temporary name and renamed, then the sidecar: a
-    sidecar therefore always describes a complete file."""
+    sidecar therefore always describes a complete file. A cache that does not match
+    its sidecar, or holds an id outside the vocabulary or a mask other than 0/1
+    (a disk or copy gone wrong), is rebuilt with a note."""
     ext = "u16" if dtype == np.uint16 else "u32"
     data_path, meta_path = f"{base}.{key}.tok.{ext}", f"{base}.{key}.tok.json"
     itemsize = np.dtype(dtype).itemsize
     try:
         with open(meta_path, encoding="utf-8") as f:
-            n = int(json.load(f)["tokens"])
-        if os.path.getsize(data_path) == n * width * itemsize and n > 0:
+            meta = json.load(f)
+        n = int(meta["tokens"])
+        if meta.get("columns") != width or os.path.getsize(data_path) != n * width * itemsize or n <= 0:
+            problem = f"its size does not match {meta_path}"
+        else:
+            problem = _cache_problem(data_path, dtype, width, vocab_size)
+        if problem is None:
             return np.memmap(data_path, dtype=dtype, mode="r", shape=(n, width))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no cache yet, or a broken one: rebuild
+        print(f"note: {data_path}: token cache is invalid ({problem}); rebuilding it", file=sys.stderr)
+    except FileNotFoundError:
+        pass  # no cache yet
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        print(f"note: {meta_path}: unreadable token cache sidecar ({e}); rebuilding the cache", file=sys.stderr)
     _remove_stale_temps(data_path)
     n = 0
     with atomic_write(data_path) as f:
@@ -427,6 +437,19 @@ def _cached(base, key, dtype, width, chunks):
     with atomic_write(meta_path, "w") as f:
         f.write(json.dumps({"tokens": n, "columns": width, "dtype": ext, "key": key}))
     return np.memmap(data_path, dtype=dtype, mode="r", shape=(n, width))
+
+
+def _cache_problem(path, dtype, width, vocab_size, block=1 << 22):
+    """What is wrong with a cache's values, or None. Read in blocks of 4M tokens with
+    plain reads, not through a memmap, whose pages would all stay resident."""
+    with open(path, "rb") as f:
+        while len(a := np.fromfile(f, dtype=dtype, count=block * width)):
+            a = a.reshape(-1, width)
+            if a[:, 0].max() >= vocab_size:
+                return f"token id {a[:, 0].max()} >= the vocabulary size {vocab_size}"
+            if width == 2 and a[:, 1].max() > 1:
+                return f"loss mask value {a[:, 1].max()}, expected 0 or 1"
+    return None
 
 
 def _remove_stale_temps(path):
@@ -488,7 +511,7 @@ def _tokenize(source, tok, out_dir, chat, lang):
     os.makedirs(out_dir, exist_ok=True)
     for i, base in enumerate(bases):
         try:
-            return _cached(base, key, dtype, 2 if chat else 1, chunks), key
+            return _cached(base, key, dtype, 2 if chat else 1, chunks, tok.vocab_size), key
         except PermissionError:
             if i == len(bases) - 1:
                 raise

@@ -405,3 +405,59 @@ def test_the_cache_key_follows_the_content_not_the_modification_time(tmp_path, t
     assert key2 != key
     assert np.concatenate([tr, val])[:, 0].tolist() == tok.encode("Tom had a red cap.") + [tok.eot_id] + \
         tok.encode("Ann had a blue cup.") + [tok.eot_id]
+
+
+# ---------------------------------------------------------------------------- reliability: a corrupt token cache
+
+def test_a_corrupt_token_cache_is_rebuilt_with_a_note(tmp_path, tok, capsys):
+    src = tmp_path / "stories.txt"
+    shutil.copy(fixture("stories.txt"), src)
+    out_dir = str(tmp_path / "out")
+    tr, val, _ = data.load_tokens([str(src)], tok, out_dir)
+    good = np.concatenate([tr, val]).copy()
+    cache = str(tmp_path / next(p for p in os.listdir(tmp_path) if p.endswith(".tok.u16")))
+    sidecar = cache[:-len("u16")] + "json"
+    meta = open(sidecar).read()
+
+    def reload():
+        tr, val, _ = data.load_tokens([str(src)], tok, out_dir)
+        assert np.array_equal(np.concatenate([tr, val]), good)
+        return capsys.readouterr().err
+
+    def poke(offset, value):
+        with open(cache, "r+b") as f:
+            f.seek(offset)
+            f.write(np.uint16(value).tobytes())
+
+    poke(6, 65535)                                                   # an id no tokenizer of 400 has
+    assert "token id 65535 >= the vocabulary size" in reload()
+    poke(2 * (len(good) - 1), tok.vocab_size)                        # the last id, just out of range
+    assert "token cache is invalid" in reload()
+    with open(cache, "r+b") as f:                                    # truncated
+        f.truncate(os.path.getsize(cache) - 3)
+    assert "does not match" in reload()
+    cases = [meta.replace(f'"tokens": {len(good)}', f'"tokens": {len(good) + 1000}'),   # claims more tokens
+             meta.replace(f'"tokens": {len(good)}', '"tokens": -2'),
+             meta.replace(f'"tokens": {len(good)}', '"tokens": ' + "9" * 5000),     # beyond int()'s digits
+             "[" * 100_000 + "]" * 100_000, '["tokens"]', "\xff garbage", ""]
+    for text in cases:
+        with open(sidecar, "w", encoding="latin-1") as f:
+            f.write(text)
+        err = reload()
+        assert ("rebuilding" in err or "invalid" in err) and "Traceback" not in err, text[:40]
+    assert reload() == ""                                             # rebuilt once, then reused
+
+
+def test_a_chat_cache_with_a_bad_mask_is_rebuilt(tmp_path, tok, capsys):
+    src = tmp_path / "chats.jsonl"
+    shutil.copy(fixture("chats.jsonl"), src)
+    tr, val, _ = data.load_tokens([str(src)], tok, str(tmp_path / "out"), chat=True)
+    good = np.concatenate([tr, val]).copy()
+    cache = str(tmp_path / next(p for p in os.listdir(tmp_path) if p.endswith(".tok.u16")))
+    with open(cache, "r+b") as f:
+        f.seek(2 * 3)                                                # the mask of the second token
+        f.write(np.uint16(7).tobytes())
+    capsys.readouterr()
+    tr, val, _ = data.load_tokens([str(src)], tok, str(tmp_path / "out"), chat=True)
+    assert np.array_equal(np.concatenate([tr, val]), good)
+    assert "loss mask value 7, expected 0 or 1" in capsys.readouterr().err
