@@ -443,7 +443,7 @@ def read_train_state(out):
                     os.replace(prev, path)
                 return tensors, state
             steps[candidate] = state["step"]
-    raise wyrd.CheckpointError(f"{out} is at step {model_step} but " + " and ".join(
+    raise wyrd.CheckpointError(f"{out} is at step {model_step!r} but " + " and ".join(
         f"{p} at step {s}" for p, s in steps.items()) + ": the pair cannot be resumed exactly; start over with "
         "--overwrite, or choose another --out")
 
@@ -795,7 +795,10 @@ def _same_file(a, b):
 def is_run_file(path, kind):
     """Whether `path` holds what a training run writes as `kind`, so that replacing it loses
     nothing the user made: a model with Wyrd's metadata and a training step, a training
-    state, or a log whose first lines are mostly log records (one may be cut short or edited)."""
+    state, or a log whose first lines are mostly log records (one may be cut short or edited).
+    A run writes regular files only: a link, folder, pipe or device is the user's."""
+    if os.path.islink(path) or not os.path.isfile(path):  # also: reading a pipe would wait forever
+        return False
     if kind == "log":
         records = others = 0
         try:
@@ -808,7 +811,7 @@ def is_run_file(path, kind):
                         records += 1
                     elif line.strip():
                         others += 1
-        except OSError:  # a folder, or unreadable
+        except OSError:  # unreadable
             return False
         return records >= others
     try:
@@ -830,8 +833,9 @@ def claim_run_files(args):
     files go when training starts); a file that is not a run's own is never replaced."""
     found = {p: kind for p, kind in run_files(args.out).items() if os.path.lexists(p)}
     for path, kind in found.items():
-        # resuming reads the checkpoint and state, whose readers say what is wrong; it rewrites the log
-        if (kind == "log" or not args.resume) and not is_run_file(path, kind):
+        # resuming reads the checkpoint and state, whose readers say what else is wrong; it rewrites the log
+        ours = os.path.isfile(path) if args.resume and kind != "log" else is_run_file(path, kind)
+        if not ours:
             raise DataError(f"{path}: exists and is not a Wyrd {FILE_KINDS[kind]}; a run replaces only its own "
                             "files: move it away, or choose another --out")
     if args.resume or args.overwrite or not found:

@@ -105,6 +105,29 @@ def test_overwrite_never_replaces_a_folder_at_the_log_path(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["run.jsonl"]
 
 
+def test_links_and_pipes_at_a_runs_paths_are_never_replaced_nor_read(tmp_path, capsys):
+    """A run writes regular files only; reading a pipe would wait forever (an alarm fails the test)."""
+    os.mkfifo(tmp_path / "f.jsonl")
+    os.symlink(os.devnull, tmp_path / "n.jsonl")
+    os.mkfifo(tmp_path / "p.safetensors")
+    assert run(capsys, pretrain(tmp_path / "r.safetensors"))[0] == 0
+    os.symlink(tmp_path / "r.safetensors", tmp_path / "latest.safetensors")
+
+    def stuck(signum, frame):
+        pytest.fail("blocked reading a pipe")
+    previous = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(30)
+    try:
+        for out, extra in (("f", ["--overwrite"]), ("n", []), ("p", ["--overwrite"]), ("p", ["--resume"]),
+                           ("latest", ["--overwrite"])):
+            code, err = run(capsys, pretrain(tmp_path / f"{out}.safetensors", *extra))
+            assert code == 2 and one_line_error(err) and "exists and is not a Wyrd" in err, (out, err)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert os.path.islink(tmp_path / "n.jsonl") and os.path.islink(tmp_path / "latest.safetensors")
+
+
 def test_overwrite_never_replaces_a_model_that_no_run_wrote(tmp_path, base, capsys):
     """A Wyrd model saved outside training (no step in its meta: a converted or exported one)."""
     model, tok, _ = wyrd.load(base)
