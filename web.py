@@ -5,16 +5,25 @@ GET / serves the page (web/index.html, web/app.css, web/app.js beside this file)
 GET /api/settings gives the server's defaults, POST /api/chat streams a reply as
 JSON lines, POST /api/reset starts over. Each browser has its own conversation,
 named by a cookie. Standard library only; the page runs only its own script (CSP).
+
+Everything a client can make the server hold is bounded: the bytes of a request and
+of the texts in it, the time to send a request, the requests handled at once, and the
+conversations, in all and per client address (the constants below).
 """
 from chat import Conversation  # first: chat sets the thread policy before NumPy loads
 
+import contextlib
 import dataclasses
 import http.cookies
+import io
 import json
 import os
+import re
 import secrets
+import socket
 import sys
 import threading
+import time
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -23,7 +32,15 @@ import numpy as np
 from tokenizer import DEFAULT_SYSTEM
 
 MAX_BODY = 64 * 1024     # bytes of request body, else 413
-MAX_SESSIONS = 64        # conversations kept; the least recently used goes first
+MAX_TEXT = 8 * 1024      # bytes of UTF-8 in a message or a system prompt, else 413: what one request
+                         # can add to the tokenizer's cache (the model's window is 128-512 tokens anyway)
+MAX_SESSIONS = 64        # conversations kept, else 503
+MAX_SESSIONS_PER_CLIENT = 16  # of them from one client address (IP), else 429
+IDLE_SECONDS = 600       # past a bound, a new conversation replaces the least recently used one only if
+                         # idle this long: a flood can refuse newcomers, never end a conversation in use
+MAX_INT_DIGITS = 100     # in a JSON integer of a request
+MAX_HANDLERS = 64        # requests handled at once; the next connection gets 503 at once
+REQUEST_SECONDS = 10     # to send the request line, headers and body, however slowly they trickle
 COOKIE = "wyrd_session"
 WEB_SETTINGS = {"temperature": float, "top_k": int, "top_p": float, "max_tokens": int}  # what the page may set
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -51,12 +68,49 @@ class SharedModel:
 
 
 class WebSession:
-    def __init__(self, conv, rng):
-        self.conv, self.rng, self.lock = conv, rng, threading.Lock()
+    def __init__(self, conv, rng, client):
+        self.conv, self.rng, self.client, self.lock = conv, rng, client, threading.Lock()
+        self.used = time.monotonic()   # when a request last named it
+
+
+class Full(Exception):
+    """No room for another conversation: `status` and a message for the client."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+
+
+BUSY_TEXT = b"the server is busy; try again in a moment"
+BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(BUSY_TEXT), BUSY_TEXT))
+
+
+class DeadlineReader(io.RawIOBase):
+    """A socket's input that ends in TimeoutError at `deadline` (time.monotonic()): a
+    socket's own timeout starts again at each recv, so a client sending a byte every
+    59 s would hold a thread for as long as it liked."""
+
+    def __init__(self, sock, deadline, timeout):
+        self.sock, self.deadline, self.timeout = sock, deadline, timeout
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the request took over {REQUEST_SECONDS} s to arrive")
+        self.sock.settimeout(min(left, self.timeout))
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout)  # for the reply's writes
 
 
 class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # connections waiting to be accepted (socketserver's 5 drops bursts)
 
     def __init__(self, address, model, tok, settings, system=DEFAULT_SYSTEM):
         super().__init__(address, ChatHandler)
@@ -68,23 +122,84 @@ class ChatServer(ThreadingHTTPServer):
         self.model, self.tok, self.settings, self.system = SharedModel(model), tok, settings, system
         self.sessions = OrderedDict()   # session id -> WebSession, least recently used first
         self.sessions_lock = threading.Lock()
+        self.handlers = threading.BoundedSemaphore(MAX_HANDLERS)
+
+    def process_request(self, request, client_address):
+        if not self.handlers.acquire(blocking=False):
+            return self.refuse(request)
+        try:
+            super().process_request(request, client_address)  # a thread, which releases the slot
+        except BaseException:
+            self.handlers.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.handlers.release()
+
+    def refuse(self, request):
+        """503 from the accepting thread, without a thread of its own: the request is read
+        for up to 0.1 s first, as a socket closed with unread data resets the connection
+        and the client might see the reset rather than the reply."""
+        try:
+            request.settimeout(0.1)
+            with contextlib.suppress(OSError):
+                request.recv(MAX_BODY)
+            request.sendall(BUSY)
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            request.close()
 
     def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
-            super().handle_error(request, client_address)  # a client that left is not an error
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)  # a client that left or stalled is not an error
 
-    def session(self, sid):
-        """-> (session id, WebSession); a new one for an unknown or missing id."""
+    def session(self, sid, client, system=None):
+        """-> (session id, WebSession): the one `sid` names, else a new one started with
+        `system` (if given) when there is room; raises Full when there is none."""
         with self.sessions_lock:
+            now = time.monotonic()
             if sid in self.sessions:
                 self.sessions.move_to_end(sid)
+                self.sessions[sid].used = now
                 return sid, self.sessions[sid]
+            self.make_room(client, now)
             sid = secrets.token_hex(16)
-            self.sessions[sid] = WebSession(Conversation(self.model, self.tok, self.system),
-                                            np.random.default_rng(self.settings.seed))
-            while len(self.sessions) > MAX_SESSIONS:
-                self.sessions.popitem(last=False)
+            conv = Conversation(self.model, self.tok, self.system if system is None else system, transcript=False)
+            self.sessions[sid] = WebSession(conv, np.random.default_rng(self.settings.seed), client)
             return sid, self.sessions[sid]
+
+    def make_room(self, client, now):
+        """Drop the least recently used conversation, of this client if it holds its share,
+        when a new one would pass a bound; only an idle one, so that a flood of new
+        conversations can refuse newcomers but never end conversations in use."""
+        mine = [sid for sid, s in self.sessions.items() if s.client == client]
+        if len(mine) >= MAX_SESSIONS_PER_CLIENT:
+            candidates, full = mine, Full(429, f"your address already has {MAX_SESSIONS_PER_CLIENT} "
+                                               "conversations in use; try again later")
+        elif len(self.sessions) >= MAX_SESSIONS:
+            candidates, full = list(self.sessions), Full(503, f"the server already has {MAX_SESSIONS} "
+                                                              "conversations in use; try again later")
+        else:
+            return
+        for sid in candidates:  # least recently used first
+            s = self.sessions[sid]
+            if now - s.used >= IDLE_SECONDS and not s.lock.locked():
+                del self.sessions[sid]
+                return
+        raise full
+
+
+def parse_int(text):
+    """A JSON integer; Python's own limit (4,300 digits) would raise a ValueError that
+    names sys.set_int_max_str_digits, and no setting needs more than a few digits."""
+    if len(text) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-')):,} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
 
 
 def web_settings(base, given):
@@ -105,7 +220,13 @@ def web_settings(base, given):
 
 class ChatHandler(BaseHTTPRequestHandler):
     server_version = "Wyrd"
-    timeout = 60  # seconds a client may take to send its request
+    timeout = 60  # seconds a write may wait for the client to read; reads end sooner, at the deadline
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # the socket's own reader, replaced by one with an overall deadline
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, time.monotonic() + REQUEST_SECONDS,
+                                                      self.timeout))
 
     def host_refused(self):
         """Answer 421 to a Host header that is not one of the server's names."""
@@ -144,6 +265,9 @@ class ChatHandler(BaseHTTPRequestHandler):
             return self.reply(400, "text/plain", b'expected JSON {"message": "some text"}')
         if system is not None and not isinstance(system, str):
             return self.reply(400, "text/plain", b"system must be a string")
+        for name, text in (("message", message), ("system", system)):
+            if isinstance(text, str) and len(text.encode("utf-8", "surrogatepass")) > MAX_TEXT:
+                return self.reply(413, "text/plain", f"{name} over {MAX_TEXT} bytes of UTF-8".encode())
         try:
             settings = web_settings(self.server.settings, body.get("settings", {}))
         except ValueError as e:
@@ -152,7 +276,15 @@ class ChatHandler(BaseHTTPRequestHandler):
             cookie = http.cookies.SimpleCookie(self.headers.get("Cookie", ""))
         except http.cookies.CookieError:
             cookie = {}
-        sid, session = self.server.session(cookie[COOKIE].value if COOKIE in cookie else None)
+        sid = cookie[COOKIE].value if COOKIE in cookie else None
+        if self.path == "/api/reset" and sid not in self.server.sessions:
+            # nothing to reset: the first message starts the conversation (with the page's
+            # system prompt), so a flood of resets creates nothing
+            return self.reply(200, "application/json", b'{"ok": true}')
+        try:  # a chat's system prompt is used only when the chat starts a conversation
+            sid, session = self.server.session(sid, self.client_address[0], system)
+        except Full as e:
+            return self.reply(e.status, "text/plain", str(e).encode())
         if not session.lock.acquire(blocking=False):  # one request at a time per conversation
             return self.reply(409, "text/plain", b"a reply is still being written in this conversation", sid)
         try:
@@ -168,38 +300,46 @@ class ChatHandler(BaseHTTPRequestHandler):
                 for piece in pieces:
                     self.wfile.write((json.dumps({"text": piece}) + "\n").encode("utf-8"))
                 self.wfile.write(b'{"done": true}\n')
-            except (BrokenPipeError, ConnectionResetError):
-                pass                    # the reader left (Stop, or gone): the reply ends here
+            except (ConnectionError, TimeoutError):
+                pass                    # the reader left (Stop, or gone) or stopped reading: the reply ends here
             finally:
                 pieces.close()
         finally:
+            session.used = time.monotonic()
             session.lock.release()
 
     def read_json(self):
         """The request body as a JSON object, or None after sending the error."""
-        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+        if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
             # also makes a cross-site form post impossible without a CORS preflight we never grant
             self.reply(415, "text/plain", b"send Content-Type: application/json")
             return None
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.reply(411, "text/plain", b"Content-Length required")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(set(lengths)) != 1 or not re.fullmatch(r"[0-9]{1,15}", lengths[0].strip()):
+            self.close_connection = True  # -1, +5, 5_0 or two lengths: no guess at where the body ends
+            self.reply(411 if not lengths else 400, "text/plain",
+                       b"Content-Length required" if not lengths else b"Content-Length must be one number >= 0")
             return None
-        if length < 0:  # reading -1 bytes would wait for the client to close
-            self.close_connection = True
-            self.reply(400, "text/plain", b"Content-Length must be >= 0")
-            return None
+        length = int(lengths[0])
         if length > MAX_BODY:
             if length <= 16 * MAX_BODY:  # drop it, so the client reads the 413 rather than a reset
-                self.rfile.read(length)
+                with contextlib.suppress(TimeoutError):
+                    self.rfile.read(length)
             self.close_connection = True
             self.reply(413, "text/plain", f"request body over {MAX_BODY} bytes".encode())
             return None
         try:
-            body = json.loads(self.rfile.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            body = None
+            data = self.rfile.read(length)
+        except TimeoutError as e:
+            self.close_connection = True
+            self.reply(408, "text/plain", str(e).encode())
+            return None
+        try:
+            body = json.loads(data.decode("utf-8"), parse_int=parse_int)
+        except RecursionError:
+            return self.reply(400, "text/plain", b"the body is not valid JSON: nested too deeply")
+        except ValueError as e:  # not UTF-8, not JSON, or parse_int's
+            return self.reply(400, "text/plain", f"the body is not valid JSON: {e}".encode())
         if not isinstance(body, dict):
             self.reply(400, "text/plain", b"the body must be a JSON object")
             return None

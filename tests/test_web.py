@@ -5,6 +5,7 @@ them); without them the browser tests fail."""
 import http.client
 import json
 import os
+import select
 import shutil
 import threading
 import time
@@ -63,7 +64,7 @@ def wait(driver, condition, seconds=30):
 
 
 def the_session(srv):
-    """The one conversation the page has (it starts a new one when it loads)."""
+    """The conversation the page has (its first message started it)."""
     assert len(srv.sessions) >= 1
     return next(reversed(srv.sessions.values()))
 
@@ -72,10 +73,17 @@ def open_page(driver, srv):
     driver.get(url(srv))
     driver.execute_script("localStorage.clear()")
     driver.delete_all_cookies()                                      # a new browser: a new conversation
-    n = len(srv.sessions)
     driver.refresh()
-    wait(driver, lambda: len(srv.sessions) > n)                     # the page's New chat reached the server
+    wait(driver, lambda: driver.execute_script("return document.body.dataset.ready") == "true")
     wait(driver, lambda: driver.execute_script("return document.activeElement.id") == "box")
+
+
+def said_alone(model, tok, texts, **settings):
+    """A fresh conversation that heard `texts`: what the server's should equal, transcript aside."""
+    conv = chat.Conversation(model, tok)
+    for text in texts:
+        conv.reply(text, sampling.Settings(**settings), np.random.default_rng(0))
+    return conv
 
 
 def el(driver, id_):
@@ -119,12 +127,10 @@ def test_a_message_streams_a_reply_with_the_settings_of_the_page(browser, server
     user = browser.execute_script("return document.querySelector('.msg.user').textContent")
     assert user == "line one\nline two"
     # greedy, at most 5 tokens: exactly what a fresh conversation with those settings says
-    expected = chat.Conversation(server.model.model, tok).reply("line one\nline two",
-                                                                sampling.Settings(temperature=0, max_tokens=5),
-                                                                np.random.default_rng(0))
-    assert replies(browser) == [expected]
-    assert the_session(server).conv.messages[1:] == [{"role": "user", "content": "line one\nline two"},
-                                                     {"role": "assistant", "content": expected}]
+    alone = said_alone(server.model.model, tok, ["line one\nline two"], temperature=0, max_tokens=5)
+    assert replies(browser) == [alone.messages[-1]["content"]]
+    conv = the_session(server).conv
+    assert conv.messages is None and conv.state.pos == alone.state.pos   # no transcript; the same state
     assert browser.execute_script("return document.activeElement.id") == "box"
     assert browser.execute_script("return localStorage.getItem('wyrd.max_tokens')") == '"5"'
 
@@ -140,16 +146,15 @@ def test_stop_ends_the_reply_in_the_browser_and_on_the_server(browser, server, t
     session = the_session(server)
     wait(browser, lambda: not session.lock.locked())                # the server has closed the turn
     shown = replies(browser)[-1]
-    said = session.conv.messages[-1]
     pos = session.conv.state.pos
     time.sleep(0.5)
     assert session.conv.state.pos == pos                              # and generates nothing more
-    assert said["role"] == "assistant" and said["content"].startswith(shown)
-    assert len(tok.encode(said["content"])) < 5_000                  # far short of max_tokens
+    assert shown and pos < 5_000                                      # far short of max_tokens
     assert "stopped" in browser.find_element(By.CSS_SELECTOR, ".msg.bot").get_attribute("class")
     set_field(browser, "max_tokens", 3)
     send(browser, "And then?")                                       # the conversation goes on
-    wait(browser, lambda: len(session.conv.messages) == 5 and finished(browser), 60)
+    wait(browser, lambda: len(replies(browser)) == 2 and finished(browser), 60)
+    assert session.conv.state.pos > pos and the_session(server) is session
 
 
 def test_new_chat_starts_over_with_the_system_prompt_of_the_page(browser, server):
@@ -158,22 +163,23 @@ def test_new_chat_starts_over_with_the_system_prompt_of_the_page(browser, server
     send(browser, "Hello")
     wait(browser, lambda: replies(browser) and finished(browser))
     session = the_session(server)
-    assert len(session.conv.messages) == 3
+    assert session.conv.state.pos > 0
     set_field(browser, "system", "You are a pirate.")
     el(browser, "new").click()
-    wait(browser, lambda: session.conv.messages == [{"role": "system", "content": "You are a pirate."}])
+    wait(browser, lambda: session.conv.system == "You are a pirate." and session.conv.state.pos == 0)
     wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, ".msg") == [])  # once the reply to reset arrives
 
 
 def test_a_bad_setting_is_refused_with_the_servers_message(browser, server):
     open_page(browser, server)
+    n = len(server.sessions)
     set_field(browser, "top_p", 5)
     send(browser, "Hello")
     wait(browser, lambda: el(browser, "status").text)
     assert el(browser, "status").text == "The server says: top_p must be in (0, 1] (1 = off), got 5.0"
     assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []      # nothing was said
     assert el(browser, "box").get_attribute("value") == "Hello"       # the text is given back
-    assert len(the_session(server).conv.messages) == 1
+    assert len(server.sessions) == n                                  # and no conversation was started
 
 
 def test_read_aloud_speaks_each_finished_reply_when_on_and_is_remembered(browser, server):
@@ -283,11 +289,13 @@ def test_web_page_and_streamed_replies_per_session(new_server, tok):
     again, cookie2 = ask(new_server, "And then?", cookie)
     assert cookie2 == cookie and len(new_server.sessions) == 1
     sid = cookie.split("=")[1]
-    assert [m["content"] for m in new_server.sessions[sid].conv.messages[1:]] == ["Hello!", reply, "And then?", again]
+    alone = said_alone(new_server.model.model, tok, ["Hello!", "And then?"], temperature=0, max_tokens=6)
+    assert [m["content"] for m in alone.messages[1:]] == ["Hello!", reply, "And then?", again]
+    assert new_server.sessions[sid].conv.state.pos == alone.state.pos
     other, cookie3 = ask(new_server, "Hello!")                        # a new browser: a new conversation
     assert cookie3 != cookie and other == reply
     assert post(new_server, "/api/reset", {}, cookie)[0] == 200
-    assert len(new_server.sessions[sid].conv.messages) == 1
+    assert new_server.sessions[sid].conv.state.pos == 0
 
 
 def test_web_answers_only_its_own_host_names(new_server, capfd):
@@ -403,3 +411,174 @@ def test_the_page_is_its_files_on_disk_and_no_other_path_is_served(new_server, m
     for path in ["/web/../chat.py", "/app.js/../../README.md", "/../chat.py", "/%2e%2e/chat.py", "/web/app.js",
                  "/index.html", "/./app.js", "/app.js/", "/chat.py", "/web.py", "//etc/passwd", "/web/"]:
         assert get(new_server, path)[:2] == (404, b"not found"), path
+
+
+# ---------------------------------------------------------------------------
+# What a client can make the server hold: all of it bounded
+
+
+def raw_request(srv, data, source="127.0.0.1", timeout=10):
+    """Send bytes as they are; -> the whole reply (the server closes after one request)."""
+    import socket
+    with socket.create_connection(srv.server_address[:2], timeout=timeout, source_address=(source, 0)) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def test_a_number_json_cannot_convert_is_a_400_not_a_traceback(new_server, capfd):
+    for body, says in [(b'{"message": "hi", "settings": {"top_k": ' + b"1" * 5000 + b"}}",
+                        b"the body is not valid JSON: an integer of 5,000 digits (at most 100)"),
+                       (b'{"message": "hi", "n": -' + b"9" * 101 + b"}", b"an integer of 101 digits"),
+                       (b'{"message": "hi", "settings": {"top_k": 1e999}}', b"top_k must be an integer, got Infinity"),
+                       (b'{"message": "hi", "settings": {"temperature": NaN}}', b"temperature must be"),
+                       (b'{"message": "\xff"}', b"the body is not valid JSON: 'utf-8' codec can't decode"),
+                       (b'{"message": "hi"', b"the body is not valid JSON: Expecting"),
+                       (b"[" * 100_000, b"request body over")]:
+        status, reply, _ = post(new_server, "/api/chat", body)
+        assert status in (400, 413) and says in reply, (body[:60], status, reply)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_conversations_keep_no_transcript_and_texts_are_capped_in_bytes(new_server):
+    _, cookie = ask(new_server, "Hello")
+    for _ in range(3):
+        ask(new_server, "x" * 1000, cookie)
+    conv = new_server.sessions[cookie.split("=")[1]].conv
+    assert conv.messages is None                                    # nothing kept that grows with the chat
+    euro = "\u20ac" * (web.MAX_TEXT // 3) + "a" * (web.MAX_TEXT % 3)  # 3 bytes of UTF-8 each: at the limit
+    assert post(new_server, "/api/chat", {"message": euro, "settings": {"max_tokens": 1}}, cookie)[0] == 200
+    for body in ({"message": euro + "a"}, {"message": "hi", "system": euro + "a"},
+                 {"message": "\ud800" * (web.MAX_TEXT // 3 + 1)}):   # lone surrogates count as 3 bytes too
+        status, reply, _ = post(new_server, "/api/chat", body, cookie)
+        assert status == 413 and reply.endswith(b"over %d bytes of UTF-8" % web.MAX_TEXT), reply
+    assert post(new_server, "/api/reset", {"system": euro + "a"}, cookie)[0] == 413
+
+
+def test_requests_handled_at_once_are_capped_and_the_rest_get_503(tok, monkeypatch):
+    import socket
+    monkeypatch.setattr(web, "MAX_HANDLERS", 4)
+    srv = web.ChatServer(("127.0.0.1", 0), babbler(tok), tok, sampling.Settings(temperature=0, max_tokens=3))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    held = []
+    try:
+        before = threading.active_count()
+        for _ in range(4):                                          # each holds a handler, headers unfinished
+            s = socket.create_connection(srv.server_address[:2], timeout=10)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            held.append(s)
+        time.sleep(0.3)
+        for _ in range(20):
+            reply = raw_request(srv, b"GET /api/settings HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert reply.startswith(b"HTTP/1.0 503 ") and reply.endswith(web.BUSY_TEXT), reply
+        assert threading.active_count() <= before + 4
+        for s in held:
+            s.close()
+        deadline = time.time() + 10
+        while time.time() < deadline and not get(srv, "/api/settings")[0] == 200:
+            time.sleep(0.05)
+        assert get(srv, "/api/settings")[0] == 200                  # free again once they left
+    finally:
+        for s in held:
+            s.close()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_request_trickled_byte_by_byte_ends_at_the_deadline(new_server, monkeypatch):
+    """The socket's timeout starts again at each recv: one byte every 0.2 s kept a
+    handler for as long as the client liked (100 headers x 60 s)."""
+    import socket
+    monkeypatch.setattr(web, "REQUEST_SECONDS", 1.0)
+    body = json.dumps({"message": "hi"}).encode()
+    for head, rest in [(b"", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: 1\r\n" * 30),   # headers
+                       (b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % (len(body) + 50), body + b" " * 50)]:     # body
+        with socket.create_connection(new_server.server_address[:2], timeout=10) as s:
+            s.sendall(head)
+            start, reply = time.time(), b""
+            for byte in rest:
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:                                     # closed by the server
+                    break
+                if select.select([s], [], [], 0.2)[0]:
+                    reply = s.recv(65536)
+                    break
+                assert time.time() - start < 3, "still reading after 3 s"
+            assert time.time() - start < 2
+            assert not reply or reply.startswith(b"HTTP/1.0 408 "), reply
+    assert get(new_server, "/api/settings")[0] == 200
+
+
+def test_cookieless_requests_cannot_evict_conversations_in_use(new_server, monkeypatch):
+    """64 /api/reset without a cookie made 64 conversations and evicted everyone's.
+    Now a reset without a known cookie makes nothing, and a new conversation replaces
+    only an idle one: its client's when it holds its share, else the least recently used."""
+    monkeypatch.setattr(web, "MAX_SESSIONS", 6)
+    monkeypatch.setattr(web, "MAX_SESSIONS_PER_CLIENT", 3)
+    _, mine = ask(new_server, "Hello")
+    for cookie in (None, "wyrd_session=0123", "wyrd_session=" + "f" * 4000, "a=b; wyrd_session", '"x\x7f', ";;;=;"):
+        for _ in range(20):
+            status, _, set_cookie = post(new_server, "/api/reset", {}, cookie)
+            assert status == 200 and set_cookie is None
+    assert list(new_server.sessions) == [mine.split("=")[1]]
+    # cookie-less chats from this address: two more fit its share of 3, then 429
+    flood = {"message": "hi", "settings": {"max_tokens": 1}}
+    assert [post(new_server, "/api/chat", flood, "wyrd_session=nosuch")[0] for _ in range(4)] == [200, 200, 429, 429]
+    # from two other loopback addresses: 3 more fill the server, then 503
+    codes = [raw_request(new_server, b"POST /api/chat HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(json.dumps(flood)), json.dumps(flood).encode()),
+                         source=source)[9:12] for source in ["127.0.0.2"] * 3 + ["127.0.0.3"] * 2]
+    assert codes == [b"200", b"200", b"200", b"503", b"503"]
+    assert len(new_server.sessions) == 6 and mine.split("=")[1] in new_server.sessions
+    ask(new_server, "Still there?", mine)                           # the conversation in use goes on
+    # once idle, the least recently used gives way: this address's own first
+    for s in new_server.sessions.values():
+        s.used -= web.IDLE_SECONDS
+    ask(new_server, "Still there?", mine)
+    assert post(new_server, "/api/chat", flood)[0] == 200
+    assert len(new_server.sessions) == 6 and mine.split("=")[1] in new_server.sessions
+
+
+def test_odd_headers_are_refused_or_read_strictly(new_server):
+    ok = json.dumps({"message": "hi", "settings": {"max_tokens": 1}}).encode()
+
+    def send(headers, body=ok):
+        return raw_request(new_server, b"POST /api/chat HTTP/1.0\r\nHost: 127.0.0.1\r\n" + headers + b"\r\n" + body)
+    assert send(b"Content-Type: Application/JSON; charset=utf-8\r\nContent-Length: %d\r\n" % len(ok)).startswith(
+        b"HTTP/1.0 200 ")                                           # media types are case-insensitive
+    for headers, status in [(b"Content-Type: application/json\r\n", b"411"),
+                            (b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n", b"411"),
+                            (b"Content-Type: application/json\r\nContent-Length: +%d\r\n" % len(ok), b"400"),
+                            (b"Content-Type: application/json\r\nContent-Length: 1_0\r\n", b"400"),
+                            (b"Content-Type: application/json\r\nContent-Length: %d\r\nContent-Length: 3\r\n"
+                             % len(ok), b"400"),
+                            (b"Content-Type: application/json\r\nContent-Length: " + b"9" * 5000 + b"\r\n", b"400"),
+                            (b"Content-Type: application/json\r\nContent-Length: \xb2\r\n", b"400"),
+                            (b"Content-Type: text/plain\r\nContent-Length: %d\r\n" % len(ok), b"415"),
+                            (b"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: %d\r\n" % len(ok), b"415"),
+                            (b"Content-Type: application/json\r\nContent-Length: %d\r\nCookie: " % len(ok)
+                             + b"x" * 70_000 + b"\r\n", b"431"),
+                            (b"X: y\r\n" * 101, b"431")]:
+        reply = send(headers)
+        assert reply[9:12] == status, (headers[:80], reply[:80])
+    assert get(new_server, "/api/settings")[0] == 200
+
+
+def test_fifty_slow_clients_leave_the_server_fast(new_server):
+    import socket
+    held = []
+    try:
+        for _ in range(50):                                          # under MAX_HANDLERS: each holds a handler
+            s = socket.create_connection(new_server.server_address[:2], timeout=10)
+            s.sendall(b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            held.append(s)
+        start = time.time()
+        reply, _ = ask(new_server, "Hello")
+        assert reply and get(new_server, "/")[0] == 200 and time.time() - start < 2
+    finally:
+        for s in held:
+            s.close()

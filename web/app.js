@@ -54,7 +54,9 @@ async function ask(text) {
   streaming = controller; send.disabled = true; stop.disabled = false;
   let finished = false;
   try {
-    const r = await post("/api/chat", {message: text, settings: settings()}, controller.signal);
+    // the system prompt counts only if this message starts the conversation on the server
+    const r = await post("/api/chat", {message: text, settings: settings(), system: $("system").value},
+                         controller.signal);
     if (!r.ok) {                          // nothing was said: give the text back
       user.remove(); bot.remove(); box.value = text;
       say(r.status === 409 ? "Wyrd is busy with another reply in this chat; try again in a moment."
@@ -154,5 +156,6 @@ async function start() {
     $("nospeech").hidden = false;
   }
   await newChat();                          // a page starts a new conversation, with its system prompt
+  document.body.dataset.ready = "true";     // for whoever drives the page: the New chat has been answered
 }
 start();
