@@ -229,7 +229,12 @@ class ChatHandler(BaseHTTPRequestHandler):
                                                       self.timeout))
 
     def host_refused(self):
-        """Answer 421 to a Host header that is not one of the server's names."""
+        """Answer 421 to a Host header that is not one of the server's names (400 to two:
+        a proxy in front might read the other one)."""
+        if len(self.headers.get_all("Host") or []) > 1:
+            self.close_connection = True
+            self.reply(400, "text/plain", b"more than one Host header")
+            return True
         host = self.headers.get("Host", "")
         name = host[1:host.find("]")] if host.startswith("[") else host.split(":")[0]  # no port
         if self.server.hosts is None or name in self.server.hosts:
@@ -313,6 +318,10 @@ class ChatHandler(BaseHTTPRequestHandler):
         if self.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
             # also makes a cross-site form post impossible without a CORS preflight we never grant
             self.reply(415, "text/plain", b"send Content-Type: application/json")
+            return None
+        if "Transfer-Encoding" in self.headers:  # chunked or not, the body is read by Content-Length only
+            self.close_connection = True
+            self.reply(400, "text/plain", b"Transfer-Encoding is not supported: send Content-Length")
             return None
         lengths = self.headers.get_all("Content-Length") or []
         if len(set(lengths)) != 1 or not re.fullmatch(r"[0-9]{1,15}", lengths[0].strip()):

@@ -551,7 +551,11 @@ def test_odd_headers_are_refused_or_read_strictly(new_server):
     assert send(b"Content-Type: Application/JSON; charset=utf-8\r\nContent-Length: %d\r\n" % len(ok)).startswith(
         b"HTTP/1.0 200 ")                                           # media types are case-insensitive
     for headers, status in [(b"Content-Type: application/json\r\n", b"411"),
-                            (b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n", b"411"),
+                            (b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n", b"400"),
+                            (b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nContent-Length: %d\r\n"
+                             % len(ok), b"400"),
+                            (b"Host: evil.example\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                             % len(ok), b"400"),                   # a second Host header
                             (b"Content-Type: application/json\r\nContent-Length: +%d\r\n" % len(ok), b"400"),
                             (b"Content-Type: application/json\r\nContent-Length: 1_0\r\n", b"400"),
                             (b"Content-Type: application/json\r\nContent-Length: %d\r\nContent-Length: 3\r\n"
