@@ -22,12 +22,14 @@ from runtime import atomic_write  # first: the thread policy must be in place wh
 
 import argparse
 import codecs
+import collections
 import contextlib
 import gzip
 import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import tarfile
 import urllib.error
@@ -42,6 +44,16 @@ BUILTIN_STORIES = 20000         # `builtin`: generated stories for pretraining .
 BUILTIN_CHATS = 12000           # ... and conversations for fine-tuning
 VAL_FRACTION = 0.05             # held-out share of each data set ...
 VAL_MAX_TOKENS = 1 << 20        # ... capped, so a 2 GB corpus does not hold out 100 MB
+
+# Limits that keep memory bounded (~300 MB above the program's own) whatever a file
+# holds, e.g. a 100 KB .gz that unpacks to 100 MB of "abab..." with no separator:
+MAX_DOC_CHARS = 1_000_000       # a story or conversation; longer ones are skipped with a note.
+                                # TinyStories' are ~1 KB and OASST's under 100 KB; tokenising a
+                                # document costs ~100 bytes per character
+MAX_RECORD = 8 << 20            # a JSONL line (bytes) or a .json shard's element (characters):
+                                # 8x a document's limit, for JSON escapes and OASST metadata;
+                                # parsing costs at most ~30x its size
+MAX_JSON_DEPTH = 10_000         # nesting of one JSON record: 5,000 turns of an OASST tree
 
 
 # ----------------------------------------------------------------------------
@@ -115,20 +127,39 @@ def iter_stories(path):
         raise DataError(f"{path}: no stories in this file (empty, or not in the expected format)")
 
 
-def _txt_stories(path):
+def _txt_stories(path, chunk=1 << 20):
+    """Stories between <|endoftext|> separators (alone on a line or not), read 1M
+    characters at a time: a file without separators or newlines is never held whole.
+    A story longer than MAX_DOC_CHARS is skipped, unkept."""
+    skips, number = _Skips(path), 0
     with _open(path) as f:
-        lines = []
-        for line in f:
-            while EOT in line:  # usually alone on its line, but it may sit inside one
-                head, line = line.split(EOT, 1)
-                story = ("".join(lines) + head).strip()
-                lines = []
-                if story:
-                    yield story
-            lines.append(line)
-        story = "".join(lines).strip()
-        if story:
-            yield story
+        parts, size, tail = [], 0, ""   # the story being read; tail: a separator's start, maybe
+        while True:
+            text = f.read(chunk)
+            pieces = (tail + text).split(EOT)
+            if text:  # the last piece may end with the first characters of a separator
+                keep = min(len(pieces[-1]), len(EOT) - 1)
+                tail, pieces[-1] = pieces[-1][len(pieces[-1]) - keep:], pieces[-1][:len(pieces[-1]) - keep]
+            else:     # the end of the file ends the last story
+                pieces.append(None)
+            for i, piece in enumerate(pieces):
+                if i > 0 or piece is None:  # a story ends: at each separator, and at the end
+                    story = "".join(parts).strip()
+                    number += bool(story) or size > MAX_DOC_CHARS
+                    if size > MAX_DOC_CHARS:
+                        skips(f"story {number}", f"longer than {MAX_DOC_CHARS:,} characters ({size:,})")
+                    elif story:
+                        yield story
+                    parts, size = [], 0
+                if piece is not None:
+                    size += len(piece)
+                    if size <= MAX_DOC_CHARS:
+                        parts.append(piece)
+                    else:
+                        parts.clear()
+            if not text:
+                break
+    skips.report()
 
 
 def _shard_stories(f, where):
@@ -136,28 +167,101 @@ def _shard_stories(f, where):
     with f:
         for i, obj in enumerate(_json_array(f, where)):
             story = obj.get("story") if isinstance(obj, dict) else None
-            if not isinstance(story, str):
+            if isinstance(obj, _Refused):
+                skips(f"element {i}", obj.why)
+            elif not isinstance(story, str):
                 skips(f"element {i}", "expected an object with a string 'story' field")
+            elif why := _unusable_text(story):
+                skips(f"element {i}", f"the story {why}")
             elif story.strip():
                 yield story.strip()
     skips.report()
 
 
+def _unusable_text(text, limit=MAX_DOC_CHARS):
+    """Why a text cannot be trained on, or None: longer than `limit`, or a lone surrogate
+    (from a JSON escape such as \\ud800), which is not Unicode and cannot be written as UTF-8."""
+    if len(text) > limit:
+        return f"is longer than {limit:,} characters ({len(text):,})"
+    if m := _SURROGATE.search(text):
+        return f"holds a lone surrogate \\u{ord(m.group()):04x} at character {m.start()} (not valid Unicode)"
+    return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _tar_stories(path):
     try:
-        tar = tarfile.open(path, "r|*")  # streaming: one member after the other
+        tar = tarfile.open(path, "r|*", tarinfo=_TarHeader)  # streaming: one member after the other
     except (OSError, tarfile.TarError) as e:
         raise DataError(f"{path}: not a readable tar archive ({e})") from None
+    except _TarHeaderTooLarge as e:
+        raise DataError(f"{path}: {e}") from None
     with tar:
-        for member in tar:
+        while True:
+            try:
+                member = tar.next()
+            except _TarHeaderTooLarge as e:
+                raise DataError(f"{path}: {e}") from None
+            if member is None:
+                return
+            tar.members.clear()  # tarfile keeps every header read: millions of empty members add up
             if member.isfile() and member.name.endswith(".json"):
                 yield from _shard_stories(tar.extractfile(member), f"{path}:{member.name}")
 
 
+class _TarHeaderTooLarge(Exception):
+    pass
+
+
+class _TarHeader(tarfile.TarInfo):
+    """A member header that refuses a long-name or pax header over 1 MB: tarfile reads
+    such a header whole, so a 300 KB .tar.gz could put 300 MB of one in memory. (It
+    hooks a private method; where that is renamed, the check is silently skipped.)"""
+    EXTENDED = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                tarfile.SOLARIS_XHDTYPE)
+
+    def _proc_member(self, tar):
+        if self.type in self.EXTENDED and self.size > 1 << 20:
+            raise _TarHeaderTooLarge(f"an extended tar header of {self.size:,} bytes; expected at most 1 MB")
+        return super()._proc_member(tar)
+
+
+class _Refused:
+    """A JSON record that was not parsed, and why."""
+
+    def __init__(self, why):
+        self.why = why
+
+
+def _json_decoder():
+    """A JSONDecoder whose integers beyond Python's int() digit limit (4,300) become None,
+    and the list `huge` of their digit counts, so a record can be refused instead of
+    raising ValueError halfway through a file."""
+    huge = []
+
+    def parse_int(digits):
+        try:
+            return int(digits)
+        except ValueError:
+            huge.append(len(digits))
+            return None
+    return json.JSONDecoder(parse_int=parse_int), huge
+
+
+def _huge_number(huge):
+    n = max(huge)
+    huge.clear()
+    return f"a number of {n:,} digits (more than Python reads: {sys.get_int_max_str_digits():,})"
+
+
 def _json_array(f, where, chunk=1 << 20):
     """The elements of a JSON array, parsed one at a time from a binary stream, so an
-    80 MB shard is never held whole (json.load would also build every object at once)."""
-    decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    80 MB shard is never held whole (json.load would also build every object at once).
+    An element larger than MAX_RECORD characters is skipped unread and given as a
+    _Refused, as is one with a number Python cannot read."""
+    (decoder, huge), utf8 = _json_decoder(), codecs.getincrementaldecoder("utf-8")()
     buf, pos, offset, eof = "", 0, 0, False   # offset: characters of the file before buf
 
     def fill():
@@ -175,6 +279,38 @@ def _json_array(f, where, chunk=1 << 20):
                 return buf[pos:pos + 1]
             fill()
 
+    def skip_value():
+        """Move pos past the value starting at it, reading on as needed, without parsing it."""
+        nonlocal pos
+        depth, in_string, start = 0, False, offset + pos
+        while True:
+            m = (_IN_STRING if in_string else _OUTSIDE).search(buf, pos)
+            if m is None or (m.group() == "\\" and m.end() == len(buf)):  # more to read
+                pos = m.start() if m else len(buf)
+                if eof:
+                    raise DataError(f"{where}: invalid JSON: the element at character {start} never ends")
+                fill()
+                continue
+            c, pos = m.group(), m.end()
+            if in_string:
+                if c == '"':
+                    in_string = False
+                    if depth == 0:
+                        return
+                else:
+                    pos += 1  # the escaped character
+            elif c == '"':
+                in_string = True
+            elif c in "[{":
+                depth += 1
+            elif c in "]}" and depth > 0:
+                depth -= 1
+                if depth == 0:
+                    return
+            elif depth == 0:  # the "," or "]" after a number or literal
+                pos -= 1
+                return
+
     if peek() != "[":
         raise DataError(f"{where}: expected a JSON array of story objects, found {peek()!r} at the start")
     pos += 1
@@ -189,10 +325,16 @@ def _json_array(f, where, chunk=1 << 20):
         except json.JSONDecodeError as e:
             if eof:
                 raise DataError(f"{where}: invalid JSON at character {offset + e.pos}: {e.msg}") from None
-            fill()
-            continue
+            if len(buf) - pos > MAX_RECORD:
+                skip_value()
+                obj, end = _Refused(f"larger than {MAX_RECORD:,} characters of JSON"), pos
+            else:
+                fill()
+                continue
         except RecursionError:
             raise DataError(f"{where}: invalid JSON after character {offset + pos}: nested too deeply") from None
+        if huge:
+            obj = _Refused(_huge_number(huge))
         pos = end
         yield obj
         c = peek()
@@ -203,23 +345,126 @@ def _json_array(f, where, chunk=1 << 20):
         pos += 1
 
 
+_IN_STRING, _OUTSIDE = re.compile(r'["\\]'), re.compile(r'["\[\]{},]')
+
+
 def _jsonl(path, skips):
-    """(line number, object) for each JSON-object line of a JSONL file; bad lines go to `skips`."""
+    """(line number, object) for each JSON-object line of a JSONL file; bad lines go to
+    `skips`. A line is read at most MAX_RECORD bytes at a time, so one without an end
+    is skipped instead of filling the memory."""
+    (decoder, huge) = _json_decoder()
     with _open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
+        for n in itertools.count(1):
+            line = f.readline(MAX_RECORD + 1)
+            if not line:
+                return
+            if len(line) > MAX_RECORD and not line.endswith(b"\n"):
+                while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                    pass
+                skips(n, f"longer than {MAX_RECORD:,} bytes")
+                continue
             if not line.strip():
                 continue
             if n == 1 and line.lstrip()[:1] == b"[":
                 raise DataError(f"{path}: this is a JSON array; expected JSONL (one JSON object per line)")
             try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nested too deep
+                text = line.decode("utf-8-sig" if n == 1 else "utf-8")
+                try:
+                    obj = decoder.decode(text)
+                except RecursionError:  # json's C parser recurses; a 300-turn OASST tree nests 1,200 deep
+                    huge.clear()
+                    obj = _json_loads_flat(text, decoder.parse_int)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, nested too deeply
                 skips(n, f"not valid JSON ({e})")
+                huge.clear()
+                continue
+            if huge:
+                skips(n, _huge_number(huge))
                 continue
             if not isinstance(obj, dict):
                 skips(n, f"expected a JSON object, got {type(obj).__name__}")
                 continue
             yield n, obj
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_NUMBER = re.compile(r"(-?(?:0|[1-9][0-9]*))(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+_JSON_WORDS = (("true", True), ("false", False), ("null", None), ("NaN", float("nan")),
+               ("Infinity", float("inf")), ("-Infinity", float("-inf")))
+
+
+def _json_loads_flat(s, parse_int, max_depth=MAX_JSON_DEPTH):
+    """json.loads without recursion: the open arrays and objects are kept on a list, so
+    nesting is limited by max_depth, not by the C stack or Python's recursion limit
+    (whose safe height differs between Python versions). Strings are read by json's own
+    scanstring; about 10x slower than json.loads, so it is used only when that fails."""
+    scan, space = json.decoder.scanstring, _JSON_SPACE.match
+    stack, i = [], 0    # open containers: [list, None] or [dict, the key of the value being read]
+
+    def fail(msg, at):
+        raise json.JSONDecodeError(msg, s, at)
+
+    def key(i):  # the key starting at i -> (key, index after its colon)
+        i = space(s, i).end()
+        if s[i:i + 1] != '"':
+            fail("Expecting property name enclosed in double quotes", i)
+        k, i = scan(s, i + 1)
+        i = space(s, i).end()
+        if s[i:i + 1] != ":":
+            fail("Expecting ':' delimiter", i)
+        return k, i + 1
+
+    while True:
+        i = space(s, i).end()
+        c = s[i:i + 1]
+        if c in ("[", "{"):
+            if len(stack) >= max_depth:
+                fail(f"nested more than {max_depth:,} deep", i)
+            j = space(s, i + 1).end()
+            if s[j:j + 1] == ("]" if c == "[" else "}"):
+                value, i = ([] if c == "[" else {}), j + 1
+            elif c == "[":
+                stack.append([[], None])
+                i += 1
+                continue
+            else:
+                k, i = key(i + 1)
+                stack.append([{}, k])
+                continue
+        elif c == '"':
+            value, i = scan(s, i + 1)
+        elif m := _JSON_NUMBER.match(s, i):
+            value = float(m.group()) if m.group(2) or m.group(3) else parse_int(m.group(1))
+            i = m.end()
+        else:
+            for word, value in _JSON_WORDS:
+                if s.startswith(word, i):
+                    i += len(word)
+                    break
+            else:
+                fail("Expecting value", i)
+        while True:  # put the value in its container; close the containers that end here
+            if not stack:
+                if space(s, i).end() != len(s):
+                    fail("Extra data", space(s, i).end())
+                return value
+            top = stack[-1]
+            if top[1] is None:
+                top[0].append(value)
+            else:
+                top[0][top[1]] = value
+            i = space(s, i).end()
+            c = s[i:i + 1]
+            if c == ",":
+                if top[1] is None:
+                    i += 1
+                else:
+                    top[1], i = key(i + 1)
+                break
+            if c == ("]" if top[1] is None else "}"):
+                value, i = stack.pop()[0], i + 1
+                continue
+            fail("Expecting ',' delimiter", i)
 
 
 def iter_chats(path, lang="en"):
@@ -231,14 +476,15 @@ def iter_chats(path, lang="en"):
     records = _reading(path, _jsonl(path, skips))
     first = next(records, None)
     if first is None:
-        raise DataError(f"{path}: no JSON lines in this file; expected chat JSONL "
+        skips.report()
+        raise DataError(f"{path}: no {'usable ' if skips.count else ''}JSON lines in this file; expected chat JSONL "
                         "({\"messages\": [...]} per line, or OASST messages or trees)")
     records = itertools.chain([first], records)
     line, obj = first
     if "messages" in obj:
         chats = _plain_chats(records, skips)
     elif isinstance(obj.get("prompt"), dict):
-        chats = _tree_chats(records, skips, lang)
+        chats = _tree_chats(records, skips, lang, path)
     elif "message_id" in obj and "parent_id" in obj:
         chats = _message_chats(records, skips, lang, path)
     else:
@@ -265,20 +511,30 @@ def _plain_chats(records, skips):
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
         while msgs and msgs[-1]["role"] != "assistant":  # nothing to learn after the last reply
             msgs.pop()
-        if msgs:
+        why = _unusable_text("".join(m["content"] for m in msgs))
+        if why:
+            skips(n, f"the conversation {why}")
+        elif msgs:
             yield msgs
         else:
             skips(n, "no assistant message")
 
 
-def _tree_chats(records, skips, lang):
+def _tree_chats(records, skips, lang, path):
+    left_out = collections.Counter()
     for n, obj in records:
         try:
-            chats = flatten_oasst(obj["prompt"], lang)
+            chats = list(flatten_oasst(obj["prompt"], lang, left_out))
         except (KeyError, TypeError, ValueError) as e:
             skips(n, f"bad OASST tree: {e}")
             continue
         yield from chats
+    _report_left_out(path, left_out)
+
+
+def _report_left_out(path, left_out):
+    for why, count in left_out.items():
+        print(f"note: {path}: left out {count:,} {why}", file=sys.stderr)
 
 
 def _message_chats(records, skips, lang, path):
@@ -295,6 +551,9 @@ def _message_chats(records, skips, lang, path):
         if m["message_id"] in nodes:
             skips(n, f"duplicate message_id {m['message_id'][:40]!r}: the first one is kept")
             continue
+        if why := _unusable_text(m["text"]):
+            skips(n, f"the text {why}")
+            continue
         node = {k: m.get(k) for k in ("role", "text", "lang", "rank", "deleted", "review_result", "parent_id")}
         node["replies"] = []
         nodes[m["message_id"]] = node
@@ -309,26 +568,46 @@ def _message_chats(records, skips, lang, path):
             orphans += 1
     if orphans:
         print(f"note: {path}: {orphans} message(s) whose parent is not in the file were dropped", file=sys.stderr)
+    left_out = collections.Counter()
     for root in roots:
-        yield from flatten_oasst(root, lang)
+        yield from flatten_oasst(root, lang, left_out)
+    _report_left_out(path, left_out)
 
 
-def flatten_oasst(prompt, lang="en"):
-    """Conversations of one OASST tree, root to leaf.
+OASST_REPEAT = 4   # a tree's conversations may hold up to 4x the text of its messages
+TURN_CHARS = 16    # what a turn adds besides its text (ChatML's header and end), in characters
+
+
+def flatten_oasst(prompt, lang="en", left_out=None):
+    """Conversations of one OASST tree, root to leaf, one at a time.
 
     At every assistant turn only the best reply is followed (lowest `rank`; unranked
     replies come after ranked ones, ties keep file order); every user reply to it
     is followed, so a tree gives one conversation per distinct user branch. Deleted
-    messages, `review_result: false` and messages in another language are dropped
-    with their subtrees. Each conversation ends on an assistant turn.
+    messages, `review_result: false`, messages in another language and messages that
+    are not valid Unicode (a lone surrogate) are dropped with their subtrees. Each
+    conversation ends on an assistant turn.
+
+    Each conversation repeats the turns before its branch, so a tree with a side reply
+    at every assistant turn of a long chain would give text quadratic in its size (an
+    8,000-turn chain: 816 MB of tokens from 1.7 MB). What is kept is linear: the
+    conversations, in depth-first file order, while their text (each turn counted with
+    TURN_CHARS more) adds up to at most OASST_REPEAT times that of all the tree's
+    messages; a conversation that would go beyond is left out, as is one longer than
+    MAX_DOC_CHARS. Left-out conversations are counted in `left_out` (a Counter), by reason.
+    Real trees, where most replies are not followed, stay far below the budget.
     """
-    chats = []
+    left_out = collections.Counter() if left_out is None else left_out
 
     def usable(m, role):
         if not (isinstance(m, dict) and m.get("role") in OASST_ROLES and isinstance(m.get("text"), str)
                 and isinstance(m.get("replies", []), list)):
-            raise ValueError(f"message {str(m)[:60]!r}: expected 'role' (prompter|assistant), 'text' "
-                             "and a 'replies' list")
+            what = repr(m.get("text")[:40]) if isinstance(m, dict) and isinstance(m.get("text"), str) else \
+                f"(a {type(m).__name__}{' with keys ' + repr(sorted(map(str, m))[:6]) if isinstance(m, dict) else ''})"
+            raise ValueError(f"message {what}: expected 'role' (prompter|assistant), 'text' and a 'replies' list")
+        if _SURROGATE.search(m["text"]):
+            left_out["message(s) holding a lone surrogate (not valid Unicode), with their replies"] += 1
+            return False
         return (m["role"] == role and not m.get("deleted") and m.get("review_result") is not False
                 and (lang is None or m.get("lang") == lang) and m["text"].strip() != "")
 
@@ -341,20 +620,40 @@ def flatten_oasst(prompt, lang="en"):
         answers = [m for m in user.get("replies", []) if usable(m, "assistant")]
         return min(answers, key=rank) if answers else None
 
-    # depth first with a stack, not recursion: a chain of thousands of turns is valid data
-    stack = [(prompt, [])] if usable(prompt, "prompter") else []
+    budget, todo = 0, [prompt]   # the text of the whole tree, walked with a stack: no recursion
+    while todo:
+        m = todo.pop()
+        if isinstance(m, dict):
+            budget += OASST_REPEAT * ((len(m["text"]) if isinstance(m.get("text"), str) else 0) + TURN_CHARS)
+            todo.extend(m.get("replies", []) if isinstance(m.get("replies"), list) else [])
+
+    # depth first with a stack, not recursion: a chain of thousands of turns is valid data.
+    # A conversation so far is a linked list, (before, user text, answer, characters, turns),
+    # so the branches share the turns before them until a conversation is given.
+    stack = [(prompt, None)] if usable(prompt, "prompter") else []
     while stack:
         user, before = stack.pop()
         best = best_answer(user)
         if best is None:
             continue
-        chat = before + [{"role": "user", "content": user["text"].strip()},
-                         {"role": "assistant", "content": best["text"].strip()}]
+        q, a = user["text"].strip(), best["text"].strip()
+        chat = (before, q, a, len(q) + len(a) + (before[3] if before else 0), 2 + (before[4] if before else 0))
         follow = [m for m in best.get("replies", []) if usable(m, "prompter") and best_answer(m) is not None]
         if not follow:  # no user turn continues it: this is a leaf conversation
-            chats.append(chat)
+            cost = chat[3] + TURN_CHARS * chat[4]
+            if chat[3] > MAX_DOC_CHARS:
+                left_out[f"conversation(s) longer than {MAX_DOC_CHARS:,} characters"] += 1
+            elif cost > budget:
+                left_out[f"conversation(s) beyond {OASST_REPEAT}x the text of their tree (they repeat the "
+                         "turns before their branch)"] += 1
+            else:
+                budget -= cost
+                turns, link = [], chat
+                while link:
+                    turns += [{"role": "assistant", "content": link[2]}, {"role": "user", "content": link[1]}]
+                    link = link[0]
+                yield turns[::-1]
         stack.extend((m, chat) for m in reversed(follow))  # reversed: popped in file order
-    return chats
 
 
 def write_chats(path, chats):
@@ -497,14 +796,15 @@ def _tokenize(source, tok, out_dir, chat, lang):
         writable = os.access(folder, os.W_OK) and os.stat(folder).st_mode & 0o222
         bases = ([source] if writable else []) + [os.path.join(out_dir, os.path.basename(source))]
 
-    def chunks(per=512):
+    def chunks(per=512, chars=1 << 20):  # at most 512 documents or 1M characters at once
         docs_ = docs if docs is not None else (iter_chats(source, lang) if chat else iter_stories(source))
-        batch = []
+        batch, size = [], 0
         for doc in docs_:
             batch.append(doc)
-            if len(batch) == per:
+            size += sum(len(m["content"]) for m in doc) if chat else len(doc)
+            if len(batch) == per or size >= chars:
                 yield _encode_chats(batch, tok) if chat else _encode_stories(batch, tok)
-                batch = []
+                batch, size = [], 0
         if batch:
             yield _encode_chats(batch, tok) if chat else _encode_stories(batch, tok)
 

@@ -198,7 +198,7 @@ def test_flatten_rule_on_a_hand_built_tree():
     only_rejected = m("prompter", "Q", [m("assistant", "A", rank=0, replies=[
         m("prompter", "Q2", [m("assistant", "bad", review_result=False)])])])
     assert [[t["content"] for t in c] for c in data.flatten_oasst(only_rejected)] == [["Q", "A"]]
-    assert data.flatten_oasst(m("prompter", "Q", lang="de", replies=[m("assistant", "A")])) == []
+    assert list(data.flatten_oasst(m("prompter", "Q", lang="de", replies=[m("assistant", "A")]))) == []
 
 
 def test_bad_chat_files_are_clear_errors(tmp_path):
@@ -461,3 +461,111 @@ def test_a_chat_cache_with_a_bad_mask_is_rebuilt(tmp_path, tok, capsys):
     tr, val, _ = data.load_tokens([str(src)], tok, str(tmp_path / "out"), chat=True)
     assert np.array_equal(np.concatenate([tr, val]), good)
     assert "loss mask value 7, expected 0 or 1" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- reliability: bombs and limits
+
+MEMORY_BOUND_MB = 300   # what reading and tokenising any file may take above the program's own (data.py's limits)
+
+
+def peak_memory(tmp_path, tok, code, limit_mb=1500):
+    """Run `code` (with `data` and `tok` loaded) in a fresh Python under an address-space
+    limit; -> (its result, the MB of peak RSS above the RSS it had before `code`). The
+    peak is RUSAGE_CHILDREN's of a wrapper whose only child it is."""
+    import subprocess
+    import sys
+    tok_path = tmp_path / "tok.json"
+    tok.save(str(tok_path))
+    child = (f"import resource, sys, data\nfrom tokenizer import Tokenizer\ntok = Tokenizer.load({str(tok_path)!r})\n"
+             "print('BASE', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n" + code)
+    wrapper = f"""
+import resource, subprocess, sys
+def limit():
+    resource.setrlimit(resource.RLIMIT_AS, ({limit_mb << 20}, {limit_mb << 20}))
+r = subprocess.run([sys.executable, "-c", {child!r}], preexec_fn=limit, capture_output=True, text=True)
+sys.stdout.write(r.stdout)
+sys.stderr.write(r.stderr)
+print("PEAK", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, "RC", r.returncode)
+"""
+    root = os.path.dirname(FIX)
+    r = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                       env=dict(os.environ, PYTHONPATH=os.path.dirname(root), OMP_NUM_THREADS="1",
+                                OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1"))
+    lines = r.stdout.splitlines()
+    base = int(next(x for x in lines if x.startswith("BASE")).split()[1])
+    peak, rc = (int(v) for v in lines[-1].split()[1::2])
+    assert rc == 0, r.stderr[-2000:]
+    return r, (peak - base) / 1024
+
+
+def test_decompression_bombs_stay_within_the_memory_bound(tmp_path, tok):
+    """Each bomb unpacks to 12 MB of "abab..." (without the limits: 2.3 GB for 10 MB)."""
+    bomb = b"ab" * (6 << 20)
+    (tmp_path / "stories.txt.gz").write_bytes(gzip.compress(b"Tom ran.<|endoftext|>" + bomb + b"<|endoftext|>Ann sat.", 9))
+    (tmp_path / "lines.txt.gz").write_bytes(gzip.compress(b"Tom ran.<|endoftext|>" + (b"ab" * 50 + b"\n") * 120_000, 9))
+    (tmp_path / "shard.json.gz").write_bytes(gzip.compress(b'[{"story": "Tom ran."}, {"story": "' + bomb +
+                                                           b'"}, {"story": "Ann sat."}]', 9))
+    hi = b'{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "'
+    (tmp_path / "chats.jsonl.gz").write_bytes(gzip.compress(b'{"messages": [' + hi + b'Hello"}]}\n{"messages": [' + hi +
+                                                            bomb + b'"}]}\n' + b'{"messages": [' + hi + b'Yes"}]}\n', 9))
+    (tmp_path / "mid.jsonl.gz").write_bytes(gzip.compress(b'{"messages": [' + hi + b'Hello"}]}\n{"messages": [' + hi +
+                                                          b"ab" * 600_000 + b'"}]}\n', 9))   # 1.2M chars, one line
+    r, above = peak_memory(tmp_path, tok, """
+for name in ("stories.txt.gz", "lines.txt.gz", "shard.json.gz"):
+    tr, val, _ = data.load_tokens([name], tok, "out")
+    print(name, len(tr) + len(val))
+for name in ("chats.jsonl.gz", "mid.jsonl.gz"):
+    tr, val, _ = data.load_tokens([name], tok, "out", chat=True)
+    print(name, len(tr) + len(val))
+print("texts", sum(map(len, data.tokenizer_texts(["stories.txt.gz", "shard.json.gz"]))),
+      sum(map(len, data.tokenizer_texts(["chats.jsonl.gz"], chat=True))))
+print("convert", data.main(["convert", "chats.jsonl.gz", "out.jsonl"]))
+""")
+    assert above < MEMORY_BOUND_MB, above
+    print(f"{above:.0f} MB above", r.stdout)
+    out = r.stdout
+    assert re.search(r"stories.txt.gz \d\d?\n", out)        # the two short stories, not the bomb
+    assert re.search(r"lines.txt.gz \d\d?\n", out) and re.search(r"shard.json.gz \d\d?\n", out)
+    assert re.search(r"texts \d\d? \d\d\d?\n", out) and "convert 0" in out
+    err = r.stderr
+    assert "stories.txt.gz:story 2: skipped" in err and "longer than 1,000,000 characters (12,582,912)" in err
+    assert "lines.txt.gz:story 2: skipped" in err
+    assert "shard.json.gz:element 1: skipped" in err and "larger than 8,388,608 characters of JSON" in err
+    assert "chats.jsonl.gz:2: skipped" in err and "longer than 8,388,608 bytes" in err
+    assert "mid.jsonl.gz:2: skipped" in err and "the conversation is longer than 1,000,000 characters" in err
+    assert "Traceback" not in err
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_tar_bomb_of_headers_is_refused_or_streamed(tmp_path, tok):
+    shard = b'[{"story": "A cat."}]'
+    pax = tmp_path / "pax.tar.gz"                  # a 60 MB pax header in 60 KB
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("data00.json")
+        info.size, info.pax_headers = len(shard), {"comment": "a" * (60 << 20)}
+        tar.addfile(info, io.BytesIO(shard))
+    pax.write_bytes(gzip.compress(buf.getvalue(), 9))
+    many = tmp_path / "many.tar.gz"                # 30,000 empty members, then a shard
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for i in range(30_000):
+            tar.addfile(tarfile.TarInfo(f"e{i}"), io.BytesIO(b""))
+        info = tarfile.TarInfo("data01.json")
+        info.size = len(shard)
+        tar.addfile(info, io.BytesIO(shard))
+    many.write_bytes(gzip.compress(buf.getvalue(), 9))
+    with pytest.raises(data.DataError, match=r"pax.tar.gz: an extended tar header of 62,914,5\d\d bytes"):
+        list(data.iter_stories(str(pax)))
+    members = []
+    real_next = tarfile.TarFile.next
+
+    def spy(self):
+        members.append(len(self.members))
+        return real_next(self)
+    tarfile.TarFile.next = spy
+    try:
+        assert list(data.iter_stories(str(many))) == ["A cat."]
+    finally:
+        tarfile.TarFile.next = real_next
+    assert max(members) <= 1                       # the headers read are not all kept
