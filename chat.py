@@ -333,10 +333,14 @@ def load_checkpoint(path, quantize=None):
             raise SystemExit(f"no checkpoint at {path}: make one with `python train.py` "
                              "(offline, on the built-in corpus), or pass --checkpoint PATH")
         raise SystemExit(f"no checkpoint at {path}")
+    if not (os.path.isfile(path) or os.path.isdir(path)):  # a FIFO would block the read until a writer came
+        raise SystemExit(f"error: {path} is not a regular file (a pipe or a device); pass a checkpoint file")
     try:
         model, tok, _ = wyrd.load(path, quantize=quantize)
     except ValueError as e:  # CheckpointError, TokenizerError, and json's own (an integer over 4,300 digits)
         raise SystemExit(f"error: {e}" if path in str(e) else f"error: {path}: {e}") from None
+    except OSError as e:  # the file went away, or its disk failed, while it was read
+        raise SystemExit(f"error: {path}: cannot read it ({e.strerror or e})") from None
     if tok is None:
         raise SystemExit(f"error: {path} holds no tokenizer; save it with wyrd.save(path, model, tokenizer)")
     if tok.vocab_size > model.config.vocab_size:
@@ -408,7 +412,8 @@ def main(argv=None):
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if isinstance(e.error, BrokenPipeError):  # `python chat.py ... | head`: the reader left
             return 1
-        print(f"error: cannot write the reply to stdout: {e.error.strerror or e.error}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # stderr full as well: the exit code says it
+            print(f"error: cannot write the reply to stdout: {e.error.strerror or e.error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # stderr's reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())

@@ -595,3 +595,8 @@ def test_a_checkpoint_json_cannot_read_is_named_in_its_one_line(babbler_file, tm
         r = run_chat(["--checkpoint", str(path), "--prompt", "hi"])
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith(f"error: {path}: "), r.stderr
+    os.mkfifo(tmp_path / "fifo")                                    # reading it would wait for a writer forever
+    for path, says in [(str(tmp_path / "fifo"), "is not a regular file"), ("/proc/self/mem", "cannot read it")]:
+        r = run_chat(["--checkpoint", path, "--prompt", "hi"], timeout=30)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith(f"error: {path}") and says in r.stderr, r.stderr
