@@ -26,9 +26,14 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 _grad_enabled = True
-# fastmath without 'nnan'/'ninf': reassociation lets LLVM vectorise the loops,
-# but infinities must keep their meaning.
-FAST = {"reassoc", "contract", "nsz", "arcp"}
+# fastmath without 'nnan'/'ninf' (infinities keep their meaning) and without
+# 'reassoc': a sum LLVM may reorder is compiled differently in-process than in
+# Numba's cache (a parallel kernel rounded a row sum one way on a fresh clone and
+# another on every later run, so a resumed run drifted from the uninterrupted one).
+# Sums are written in LANES interleaved parts instead (dot, lane_sum): they vectorise
+# just as well, in an order fixed by the code.
+FAST = {"contract", "nsz"}
+LANES = 16
 
 
 def exp(x):
@@ -42,8 +47,8 @@ def _exp_float32(x):
     ~5x slower): e^x = 2^k e^r, k = rint(x / ln 2), |r| <= ln 2 / 2, e^r a degree-6
     Taylor polynomial, 2^k made from its exponent bits. Relative error < 5e-7; 0 below
     x = -87.33 (2^-126, float32's smallest normal), inf from 88.38; NaN stays NaN.
-    No fastmath: the vectorised loop and its scalar remainder then round alike, so a
-    result does not depend on where its array lies in memory."""
+    It is compiled with its caller's fastmath flags (Numba passes them on), which
+    never allow reassociation, so the two-part ln 2 stays exact."""
     if x != types.float32:
         return lambda x: math.exp(x)
 
@@ -56,6 +61,41 @@ def _exp_float32(x):
         two_k = _float32_from_bits(np.int32(k + np.float32(127)) << 23)
         return e_r * two_k if x >= np.float32(-87.33) else (np.float32(0) if x == x else x)
     return impl
+
+
+@njit(inline="always")
+def dot(a, b, lanes):
+    """sum(a * b) over 1-D a, b: LANES interleaved partial sums (one SIMD register's
+    worth, in `lanes`, scratch of LANES elements), added in order, then the tail."""
+    n = a.size
+    m = n - n % LANES
+    lanes[:] = 0
+    for j0 in range(0, m, LANES):
+        for l in range(LANES):
+            lanes[l] += a[j0 + l] * b[j0 + l]
+    s = lanes[0]
+    for l in range(1, LANES):
+        s += lanes[l]
+    for j in range(m, n):
+        s += a[j] * b[j]
+    return s
+
+
+@njit(inline="always")
+def lane_sum(a, lanes):
+    """sum(a) over 1-D a, in the order dot uses."""
+    n = a.size
+    m = n - n % LANES
+    lanes[:] = 0
+    for j0 in range(0, m, LANES):
+        for l in range(LANES):
+            lanes[l] += a[j0 + l]
+    s = lanes[0]
+    for l in range(1, LANES):
+        s += lanes[l]
+    for j in range(m, n):
+        s += a[j]
+    return s
 
 
 @intrinsic
@@ -528,9 +568,7 @@ def rmsnorm_forward_kernel(x, w, eps, y, r):
 def rmsnorm_row(x, w, eps, y, r):
     """One row x [D]: r[0] = 1/sqrt(mean(x^2) + eps), y = x r w. quant.py normalises a
     decoded token's rows with it on one thread (a parallel loop costs more than a row)."""
-    ss = x[0] * x[0]
-    for j in range(1, x.size):
-        ss += x[j] * x[j]
+    ss = dot(x, x, np.empty(LANES, x.dtype))
     r[0] = 1.0 / np.sqrt(ss / x.size + eps)
     rr = r[0]  # in x's precision, as the product below has always been
     for j in range(x.size):
@@ -543,11 +581,11 @@ def rmsnorm_backward_kernel(x, w, r, g, gx, gw):
     N, D = x.shape
     P = gw.shape[0]
     for part in prange(P):
+        gw_row, lanes = np.empty(D, x.dtype), np.empty(LANES, x.dtype)
         for i in range(part * N // P, (part + 1) * N // P):
-            dot = g[i, 0] * w[0] * x[i, 0]
-            for j in range(1, D):
-                dot += g[i, j] * w[j] * x[i, j]
-            c = dot * r[i] * r[i] / D  # mean(gw * n) / r
+            for j in range(D):
+                gw_row[j] = g[i, j] * w[j]
+            c = dot(gw_row, x[i], lanes) * r[i] * r[i] / D  # mean(gw * n) / r
             for j in range(D):
                 gx[i, j] = r[i] * (g[i, j] * w[j] - x[i, j] * c)
                 gw[part, j] += g[i, j] * x[i, j] * r[i]
@@ -627,10 +665,9 @@ def cross_entropy_forward_kernel(z, targets, e, total, row_loss):
         zmax = z[n, 0]
         for j in range(1, z.shape[1]):
             zmax = max(zmax, z[n, j])
-        s = z.dtype.type(0.0)
         for j in range(z.shape[1]):
             e[n, j] = exp(z[n, j] - zmax)
-            s += e[n, j]
+        s = lane_sum(e[n], np.empty(LANES, z.dtype))
         total[n] = s
         row_loss[n] = zmax + math.log(s) - z[n, targets[n]]
 

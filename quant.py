@@ -32,7 +32,7 @@ from numba.extending import intrinsic, models, register_model
 
 ir = cgutils.ir  # Numba's LLVM IR builder (llvmlite, which Numba ships and uses)
 
-from autograd import FAST, Tensor, exp, is_grad_enabled, rmsnorm_row
+from autograd import FAST, LANES, Tensor, dot, exp, is_grad_enabled, lane_sum, rmsnorm_row
 
 GROUP = 64
 MATVEC_ROWS = 8  # up to this many tokens the kernel reads each weight once for all of them;
@@ -90,7 +90,8 @@ def quantize_x16(x):
 # VNNI) on the widest registers, and a row's sums stay in LANES float32 lanes to its end.
 # tests/test_quant_asm.py compiles it for seven x86-64 CPUs and checks the instructions.
 
-LANES = 16  # a row's float32 partial sums: a zmm register (two ymm), which AVX-512's multiply-adds fill without a shuffle
+# LANES (autograd's 16): a row's float32 partial sums, a zmm register (two ymm), which
+# AVX-512's multiply-adds fill without a shuffle
 
 
 class _Lanes(types.Type):
@@ -390,12 +391,9 @@ def _attend(qh, k_ring, v_ring, n, out):
     for bh in prange(B * H):
         b, hd = bh // H, bh % H
         q, K, V = qh[b, hd], k_ring[b, hd // group], v_ring[b, hd // group]
-        p = np.empty(n, np.float32)
+        p, lanes = np.empty(n, np.float32), np.empty(LANES, np.float32)
         for j in range(n):
-            kj, dot = K[j], np.float32(0)
-            for e in range(D):
-                dot += q[e] * kj[e]
-            p[j] = dot
+            p[j] = dot(q, K[j], lanes)
         top = p.max()
         for j in range(n):
             p[j] -= top
@@ -409,7 +407,7 @@ def _attend(qh, k_ring, v_ring, n, out):
         for j in range(m, n):
             for e in range(D):
                 acc[e] += p[j] * V[j, e]
-        total = p.sum()
+        total = lane_sum(p, lanes)
         for e in range(D):
             out[b, hd, e] = acc[e] / total
 

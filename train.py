@@ -37,7 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 import corpus
-from autograd import FAST, N_PARTIAL, no_grad
+from autograd import FAST, LANES, N_PARTIAL, no_grad
 from data import DataError, Rows, load_tokens, tokenizer_texts
 from runtime import atomic_write, remove_stale_temps
 from tokenizer import Tokenizer, TokenizerError
@@ -128,16 +128,27 @@ def adamw_kernel(p, g, m, v, b1, one_minus_b1, b2, one_minus_b2, decay, step, sq
 @njit(parallel=True, cache=True, fastmath=FAST)
 def sum_squares(x):
     """sum(x^2) accumulated in float64, in one pass (no float64 copy of x). Each chunk
-    sums into a slot of its own, so the total does not depend on which thread ran which
-    chunk: a resumed run clips exactly as the uninterrupted one."""
+    sums in LANES parts into a slot of its own, in an order fixed by the code, not by
+    which thread ran it: a resumed run clips exactly as the uninterrupted one."""
     partial = np.zeros(N_PARTIAL)
     n = x.size
     for part in prange(N_PARTIAL):
-        total = 0.0
-        for i in range(part * n // N_PARTIAL, (part + 1) * n // N_PARTIAL):
+        lanes = np.zeros(LANES)
+        lo, hi = part * n // N_PARTIAL, (part + 1) * n // N_PARTIAL
+        m = hi - (hi - lo) % LANES
+        for i0 in range(lo, m, LANES):
+            for l in range(LANES):
+                lanes[l] += np.float64(x[i0 + l]) * np.float64(x[i0 + l])
+        total = lanes[0]
+        for l in range(1, LANES):
+            total += lanes[l]
+        for i in range(m, hi):
             total += np.float64(x[i]) * np.float64(x[i])
         partial[part] = total
-    return partial.sum()
+    total = partial[0]
+    for part in range(1, N_PARTIAL):  # in order: partial.sum() would be split over the threads
+        total += partial[part]
+    return total
 
 
 def lr_at(step, cfg):

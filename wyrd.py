@@ -20,8 +20,8 @@ import math
 import sys
 from dataclasses import asdict, dataclass, fields
 
-from autograd import (FAST, N_PARTIAL, Tensor, cat, cross_entropy, embedding, exp,  # first: the thread policy
-                      is_grad_enabled, linear, linear_stack, no_grad, rmsnorm, sigmoid,  # (runtime.py)
+from autograd import (FAST, LANES, N_PARTIAL, Tensor, cat, cross_entropy, dot, embedding, exp,  # first: the thread policy
+                      is_grad_enabled, lane_sum, linear, linear_stack, no_grad, rmsnorm, sigmoid,  # (runtime.py)
                       sigmoid_scalar, split, swiglu)
 
 import numpy as np
@@ -519,44 +519,41 @@ class RGLRU(Module):
 
 
 @njit(parallel=True, cache=True, fastmath=FAST)
-def attention_forward_kernel(q, k, v, window, scale, out, lse):
+def attention_forward_kernel(q, kt, v, window, scale, out, lse):
     """Sliding-window causal GQA attention, O(Tq * W) work and O(W) scratch.
 
-    q [B, Tq, H, D]; k, v [B, KV, Tk, D] (kv-head-major, so each key and value is
-    a contiguous row) with Tk >= Tq: the queries are the last Tq positions of the
-    keys (Tk > Tq when decoding with a cache of past keys). Query t (key index
-    i = t + Tk - Tq) sees keys i - W < s <= i; query head h reads kv head
-    h // (H / KV). Writes out [B, Tq, H, D] and the row log-sum-exp lse
-    [B, H, Tq]: all the backward needs to rebuild the probabilities, so no
-    [T, T] or [T, W] matrix is ever kept.
+    q [B, Tq, H, D]; kt [B, KV, D, Tk] (the keys transposed, so a query's scores
+    against its window are one vector loop per channel, summed in channel order);
+    v [B, KV, Tk, D] (each value a contiguous row) with Tk >= Tq: the queries are the
+    last Tq positions of the keys (Tk > Tq when decoding with a cache of past keys).
+    Query t (key index i = t + Tk - Tq) sees keys i - W < s <= i; query head h reads
+    kv head h // (H / KV). Writes out [B, Tq, H, D] and the row log-sum-exp lse
+    [B, H, Tq]: all the backward needs to rebuild the probabilities, so no [T, T] or
+    [T, W] matrix is ever kept.
     """
     B, Tq, H, D = q.shape
-    KV, Tk = k.shape[1], k.shape[2]
+    KV, Tk = kt.shape[1], kt.shape[3]
     group = H // KV
     offset = Tk - Tq
-    zero = q.dtype.type(0.0)  # accumulate dot products in q's precision (float32 stays SIMD)
+    one = q.dtype.type(1.0)  # sums stay in q's precision (float32 stays SIMD)
     for job in prange(B * KV):
         b, kh = job // KV, job % KV
         p = np.empty(window, dtype=q.dtype)
-        acc = np.empty(D, dtype=q.dtype)
+        acc, lanes = np.empty(D, dtype=q.dtype), np.empty(LANES, dtype=q.dtype)
         for h in range(kh * group, (kh + 1) * group):
             for t in range(Tq):
                 i = t + offset
                 s0 = max(0, i - window + 1)
                 n = i - s0 + 1
-                for j in range(n):                      # p_j = scale q_t . k_{s0+j}
-                    dot = zero
-                    for e in range(D):
-                        dot += q[b, t, h, e] * k[b, kh, s0 + j, e]
-                    p[j] = dot * scale
+                scores(q[b, t, h], kt[b, kh], s0, n, p)   # p_j = q_t . k_{s0+j}
                 m = p[0]
                 for j in range(1, n):
                     m = max(m, p[j])
-                total = 0.0
+                m *= scale
                 for j in range(n):
-                    p[j] = exp(p[j] - m)
-                    total += p[j]
-                inv = 1.0 / total
+                    p[j] = exp(p[j] * scale - m)
+                total = lane_sum(p[:n], lanes)
+                inv = one / total
                 for j in range(n):   # normalise in place: stores keep p in q's dtype, so the
                     p[j] *= inv      # loop below stays float32 for float32 inputs (and vectorises)
                 acc[:] = 0.0
@@ -567,42 +564,47 @@ def attention_forward_kernel(q, k, v, window, scale, out, lse):
                 lse[b, h, t] = m + math.log(total)
 
 
+@njit(inline="always")
+def scores(q, kt, s0, n, p):
+    """p[j] = q . kt[:, s0 + j] for j < n, accumulated channel by channel: each step a
+    vector loop over the keys, so no sum needs reordering to vectorise."""
+    p[:n] = 0.0
+    for e in range(q.size):
+        for j in range(n):
+            p[j] += q[e] * kt[e, s0 + j]
+
+
 @njit(parallel=True, cache=True, fastmath=FAST)
-def attention_backward_kernel(q, k, v, out, lse, gout, window, scale, dq, dk, dv):
+def attention_backward_kernel(q, k, kt, vt, out, lse, gout, window, scale, dq, dk, dv):
     """Backward of the kernel above, rebuilding p_ts = exp(score_ts - lse_t).
 
     With o_t = sum_s p_ts v_s and p = softmax(score):
       dv_s += p_ts go_t;  dp_ts = go_t . v_s;  dscore_ts = p_ts (dp_ts - go_t . o_t)
       dq_t += scale dscore_ts k_s;  dk_s += scale dscore_ts q_t
-    A task owns one kv head of one batch row, and with it every query head that
-    reads it, so no two tasks write the same dk/dv entries. dk, dv [B, KV, Tk, D]
-    must start at 0.
+    k [B, KV, Tk, D] and its transpose kt, vt [B, KV, D, Tk]. A task owns one kv head
+    of one batch row, and with it every query head that reads it, so no two tasks
+    write the same dk/dv entries. dk, dv [B, KV, Tk, D] must start at 0.
     """
     B, Tq, H, D = q.shape
     KV, Tk = k.shape[1], k.shape[2]
     group = H // KV
     offset = Tk - Tq
-    zero = q.dtype.type(0.0)
     for job in prange(B * KV):
         b, kh = job // KV, job % KV
         p = np.empty(window, dtype=q.dtype)
         ds = np.empty(window, dtype=q.dtype)
-        acc = np.empty(D, dtype=q.dtype)
+        acc, lanes = np.empty(D, dtype=q.dtype), np.empty(LANES, dtype=q.dtype)
         for h in range(kh * group, (kh + 1) * group):
             for t in range(Tq):
                 i = t + offset
                 s0 = max(0, i - window + 1)
                 n = i - s0 + 1
-                delta = gout[b, t, h, 0] * out[b, t, h, 0]
-                for e in range(1, D):
-                    delta += gout[b, t, h, e] * out[b, t, h, e]
-                for j in range(n):                      # the score (as the forward) and go_t . v_s
-                    dot, dp = zero, zero
-                    for e in range(D):
-                        dot += q[b, t, h, e] * k[b, kh, s0 + j, e]
-                        dp += gout[b, t, h, e] * v[b, kh, s0 + j, e]
-                    p[j] = exp(dot * scale - lse[b, h, t])
-                    ds[j] = p[j] * (dp - delta) * scale  # dscore, scaled for q and k
+                delta = dot(gout[b, t, h], out[b, t, h], lanes)
+                scores(q[b, t, h], kt[b, kh], s0, n, p)      # the scores, as the forward
+                scores(gout[b, t, h], vt[b, kh], s0, n, ds)  # go_t . v_s
+                for j in range(n):
+                    p[j] = exp(p[j] * scale - lse[b, h, t])
+                    ds[j] = p[j] * (ds[j] - delta) * scale  # dscore, scaled for q and k
                 acc[:] = 0.0
                 for j in range(n):
                     s = s0 + j
@@ -617,16 +619,19 @@ def window_attention(q, k, v, window):
     """softmax(q k^T / sqrt(D)) v over the sliding causal window, with GQA.
     q [B, Tq, H, D]; k, v [B, Tk, KV, D], as the projections produce them."""
     qd = np.ascontiguousarray(q.data)
-    kd, vd = (np.ascontiguousarray(t.data.transpose(0, 2, 1, 3)) for t in (k, v))  # [B, KV, Tk, D]
+    kt = np.ascontiguousarray(k.data.transpose(0, 2, 3, 1))   # [B, KV, D, Tk]
+    vd = np.ascontiguousarray(v.data.transpose(0, 2, 1, 3))   # [B, KV, Tk, D]
     B, Tq, H, D = qd.shape
     scale = qd.dtype.type(1.0 / math.sqrt(D))
     out = np.empty_like(qd)
     lse = np.empty((B, H, Tq), dtype=qd.dtype)
-    attention_forward_kernel(qd, kd, vd, window, scale, out, lse)
+    attention_forward_kernel(qd, kt, vd, window, scale, out, lse)
 
     def backward(g):
+        kd = np.ascontiguousarray(k.data.transpose(0, 2, 1, 3))
+        vt = np.ascontiguousarray(v.data.transpose(0, 2, 3, 1))
         dq, dk, dv = np.empty_like(qd), np.zeros_like(kd), np.zeros_like(vd)
-        attention_backward_kernel(qd, kd, vd, out, lse, np.ascontiguousarray(g), window, scale, dq, dk, dv)
+        attention_backward_kernel(qd, kd, kt, vt, out, lse, np.ascontiguousarray(g), window, scale, dq, dk, dv)
         q._acc(dq)
         k._acc(dk.transpose(0, 2, 1, 3))
         v._acc(dv.transpose(0, 2, 1, 3))

@@ -243,3 +243,82 @@ def test_attention_float32_close_to_float64():
     f32 = window_attention(*(Tensor(x.astype(np.float32)) for x in (q, k, v)), 16).data
     assert f32.dtype == np.float32
     np.testing.assert_allclose(f32, f64, atol=1e-5)
+
+
+# -- the same bits however the kernels were compiled ---------------------------------
+def test_dot_and_lane_sum_add_in_lanes_of_16_then_in_order():
+    """The order is part of the maths: LANES partial sums, added first to last, then the tail."""
+    from numba import njit
+    from autograd import LANES, dot, lane_sum
+
+    @njit
+    def both(a, b):
+        lanes = np.empty(LANES, a.dtype)
+        return dot(a, b, lanes), lane_sum(a, lanes)
+
+    for n in (0, 5, 16, 50, 1000):
+        a, b = (rng.standard_normal(n).astype(np.float32) for _ in range(2))
+        m = n - n % LANES
+        parts = np.zeros(LANES, np.float32)
+        for j0 in range(0, m, LANES):
+            parts = parts + a[j0:j0 + LANES] * b[j0:j0 + LANES]   # the kernel may fuse these: within rounding
+        ref = np.float32(0)
+        for v in list(parts) + list(a[m:] * b[m:]):
+            ref = np.float32(ref + v)
+        got_dot, got_sum = both(a, b)
+        assert abs(got_dot - ref) <= 1e-6 * np.abs(a * b).sum() + 1e-30
+        lanes = np.zeros(LANES, np.float32)
+        for j0 in range(0, m, LANES):
+            lanes = lanes + a[j0:j0 + LANES]
+        ref_sum = np.float32(0)
+        for v in list(lanes) + list(a[m:]):
+            ref_sum = np.float32(ref_sum + v)
+        assert got_sum == ref_sum   # additions only: the exact same bits
+
+
+CHILD = """
+import hashlib, json, sys
+import numpy as np
+import train, wyrd
+from autograd import no_grad
+cfg = wyrd.ChimeraConfig(vocab_size=300, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, sliding_window=16,
+                         max_seq_len=64)
+model = wyrd.Chimera(cfg)
+opt = train.AdamW(model.named_parameters())
+rng = np.random.default_rng(0)
+x, y = rng.integers(0, 300, (2, 40)), rng.integers(0, 300, (2, 40))
+out = {}
+for step in range(2):
+    loss = model.loss(x, y)
+    loss.backward()
+    out[f"loss{step}"] = float(loss.data)
+    out[f"norm{step}"] = train.clip_grad_norm(model.parameters(), 0.01)
+    opt.step(1e-2)
+    for p in model.parameters():
+        p.grad = None
+with no_grad():
+    out["eval"] = float(model.loss(x, y).data)
+out["weights"] = hashlib.sha256(b"".join(p.data.tobytes() for p in model.parameters())).hexdigest()
+print(json.dumps(out))
+"""
+
+
+def test_a_training_step_gives_the_same_bits_compiled_fresh_or_loaded_from_numbas_cache(tmp_path):
+    """A process that compiles the kernels and one that loads them from Numba's cache must
+    train alike, or a run resumed on a fresh clone drifts from the uninterrupted one (a
+    reassociated sum in a parallel kernel rounded differently in the two). Its own cache
+    folder, so the first child compiles whatever the repository's cache holds."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), PYTHONPATH=root)
+    runs = [subprocess.run([sys.executable, "-c", CHILD], env=env, cwd=root, capture_output=True, text=True,
+                           timeout=600) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert list((tmp_path / "numba").rglob("*.nbc")), "the first child wrote no cache"
+    fresh, cached = (json.loads(r.stdout) for r in runs)
+    assert fresh["norm0"] > 0.01            # clipping ran (sum_squares), and the update moved the weights
+    assert fresh == cached
