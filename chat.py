@@ -41,6 +41,8 @@ from collections import deque
 import numpy as np
 
 import wyrd
+
+import checkpoint
 from sampling import Settings, complete, generate
 from tokenizer import DEFAULT_SYSTEM
 
@@ -285,11 +287,11 @@ def load_checkpoint(path, quantize=None):
                              "(offline, on the built-in corpus), or pass --checkpoint PATH")
         raise SystemExit(f"no checkpoint at {path}")
     try:
-        model, tok, _ = wyrd.load(path, quantize=quantize)
+        model, tok, _ = checkpoint.load(path, quantize=quantize)
     except ValueError as e:  # CheckpointError, TokenizerError
         raise SystemExit(f"error: {e}") from None
     if tok is None:
-        raise SystemExit(f"error: {path} holds no tokenizer; save it with wyrd.save(path, model, tokenizer)")
+        raise SystemExit(f"error: {path} holds no tokenizer; save it with checkpoint.save(path, model, tokenizer)")
     if tok.vocab_size > model.config.vocab_size:
         raise SystemExit(f"error: {path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}")
@@ -317,7 +319,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="for reproducible replies (default: random)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weights: ~4x faster replies from a large model "
                    "in 40%% of the memory, for a loss < 0.001 nats/token higher (README); needed to read a file "
-                   "saved with wyrd.save(dtype='int8')")
+                   "saved with checkpoint.save(dtype='int8')")
     p.add_argument("--serve", action="store_true", help="run the local web chat instead of the REPL")
     p.add_argument("--host", default="127.0.0.1", help="web chat address; requests naming another host are "
                    "refused, unless it is 0.0.0.0 (default: 127.0.0.1, this machine only)")

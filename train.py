@@ -14,6 +14,8 @@ corpus is corpus.py. `python train.py COMMAND --help` lists every flag with its
 default.
 """
 import wyrd  # first: the thread policy (runtime.py) must be in place when NumPy loads
+import tensorfile
+import checkpoint
 
 import argparse
 import contextlib
@@ -216,7 +218,7 @@ def train(model, tok, rows, val_rows, cfg, out, phase, data_key, meta=None, resu
     the end and on Ctrl-C (the step in progress is finished first). -> summary dict."""
     if model.quantized:
         raise ValueError(f"{phase}: this model has {model.quantized} weights, for inference only; "
-                         "train from the float checkpoint (wyrd.load without quantize)")
+                         "train from the float checkpoint (checkpoint.load without quantize)")
     opt = AdamW(model.named_parameters(), weight_decay=cfg.weight_decay)
     step = load_train_state(out, opt, phase, data_key) if resume else 0
     _trim_log(log_path_of(out), phase, step, keep_other_phases=resume or not fresh_log)
@@ -353,8 +355,8 @@ def save_checkpoint(out, model, tok, opt, step, cfg, phase, data_key, meta):
     path, prev = state_path_of(out), prev_state_path_of(out)
     if os.path.exists(path) and os.path.exists(out):
         os.replace(path, prev)  # the old pair stays whole: old model + prev
-    wyrd.write_safetensors(path, tensors, {"wyrd_train_state": json.dumps(state)})
-    wyrd.save(out, model, tok, **dict(meta, step=step, steps=cfg.steps))
+    tensorfile.write_safetensors(path, tensors, {"wyrd_train_state": json.dumps(state)})
+    checkpoint.save(out, model, tok, **dict(meta, step=step, steps=cfg.steps))
     if os.path.exists(prev):
         os.remove(prev)
 
@@ -364,26 +366,26 @@ def read_train_state(out):
     a save cut short that is `.train.prev.safetensors`, which is put back in place."""
     path, prev = state_path_of(out), prev_state_path_of(out)
     if not os.path.exists(path) and not os.path.exists(prev):
-        raise wyrd.CheckpointError(f"{path}: no training state to resume from (run without --resume to start)")
+        raise checkpoint.CheckpointError(f"{path}: no training state to resume from (run without --resume to start)")
     try:
-        model_step = json.loads(wyrd.read_safetensors(out, data=False)[1].get("meta", "{}")).get("step")
+        model_step = json.loads(tensorfile.read_safetensors(out, data=False)[1].get("meta", "{}")).get("step")
     except (ValueError, AttributeError, RecursionError):
-        raise wyrd.CheckpointError(f"{out}: bad __metadata__['meta']; cannot tell which step it holds") from None
+        raise checkpoint.CheckpointError(f"{out}: bad __metadata__['meta']; cannot tell which step it holds") from None
     steps = {}
     for candidate in (path, prev):
         if os.path.exists(candidate):
-            tensors, metadata = wyrd.read_safetensors(candidate)
+            tensors, metadata = tensorfile.read_safetensors(candidate)
             try:
                 state = json.loads(metadata["wyrd_train_state"])
             except (KeyError, ValueError, RecursionError):
-                raise wyrd.CheckpointError(f"{candidate}: not a Wyrd training state (no wyrd_train_state "
+                raise checkpoint.CheckpointError(f"{candidate}: not a Wyrd training state (no wyrd_train_state "
                                            "metadata)") from None
             if state.get("step") == model_step:
                 if candidate == prev:
                     os.replace(prev, path)
                 return tensors, state
             steps[candidate] = state.get("step")
-    raise wyrd.CheckpointError(f"{out} is at step {model_step} but " + " and ".join(
+    raise checkpoint.CheckpointError(f"{out} is at step {model_step} but " + " and ".join(
         f"{p} at step {s}" for p, s in steps.items()) + ": the pair cannot be resumed exactly")
 
 
@@ -392,15 +394,15 @@ def load_train_state(out, opt, phase, data_key):
     tensors, state = read_train_state(out)
     path = state_path_of(out)
     if state["phase"] != phase:
-        raise wyrd.CheckpointError(f"{path}: the saved run is a {state['phase']} run, not {phase}")
+        raise checkpoint.CheckpointError(f"{path}: the saved run is a {state['phase']} run, not {phase}")
     if state["data_key"] != data_key:
-        raise wyrd.CheckpointError(f"{path}: the data or tokenizer differ from the saved run's; "
+        raise checkpoint.CheckpointError(f"{path}: the data or tokenizer differ from the saved run's; "
                                    "resume with the same --data (files unchanged)")
     for name, p in opt.params:
         for moments, prefix in ((opt.m, "m."), (opt.v, "v.")):
             saved = tensors.get(prefix + name)
             if saved is None or saved.shape != p.data.shape:
-                raise wyrd.CheckpointError(f"{path}: optimizer state for {name} is missing or has the wrong shape")
+                raise checkpoint.CheckpointError(f"{path}: optimizer state for {name} is missing or has the wrong shape")
             moments[name][...] = saved
     opt.t = state["adam_t"]
     return state["step"]
@@ -412,7 +414,7 @@ def resume_config(out, given):
     saved = TrainConfig(**state["config"])
     for name, value in given.items():
         if value is not None and name != "steps" and value != getattr(saved, name):
-            raise wyrd.CheckpointError(f"--{name.replace('_', '-')} {value} differs from the saved run's "
+            raise checkpoint.CheckpointError(f"--{name.replace('_', '-')} {value} differs from the saved run's "
                                        f"{getattr(saved, name)}; a resumed run keeps its settings")
     return replace(saved, steps=given.get("steps") or saved.steps), state["phase"]
 
@@ -430,9 +432,9 @@ def train_tokenizer(texts, vocab_size):
 def load_tokenizer(path):
     """A tokenizer.json, or the tokenizer inside a Wyrd checkpoint."""
     if path.endswith(".safetensors"):
-        tok = wyrd.read_tokenizer(path)
+        tok = checkpoint.read_tokenizer(path)
         if tok is None:
-            raise wyrd.CheckpointError(f"{path}: this checkpoint holds no tokenizer")
+            raise checkpoint.CheckpointError(f"{path}: this checkpoint holds no tokenizer")
         return tok
     return Tokenizer.load(path)
 
@@ -457,7 +459,7 @@ def pretrain(data, out, preset="micro", tokenizer=None, cfg=PRETRAIN, resume=Fal
     """Pretrain on stories packed into one stream; trains a tokenizer unless one is given."""
     out_dir = _out_dir(out)
     if resume:
-        model, tok, meta = wyrd.load(out)
+        model, tok, meta = checkpoint.load(out)
     else:
         _check_seq_len(cfg, wyrd.get_config(preset))
         if tok is None and tokenizer:
@@ -482,13 +484,13 @@ def finetune(data, init, out, cfg=FINETUNE, resume=False, lang="en", model=None,
     """Fine-tune on conversations; only assistant tokens (and their <|im_end|>) are trained."""
     out_dir = _out_dir(out)
     if resume:
-        model, tok, meta = wyrd.load(out)
+        model, tok, meta = checkpoint.load(out)
     elif model is None:
         if not init:
             raise DataError("finetune needs --init CHECKPOINT (a pretrained model), or --resume")
-        model, tok, meta = wyrd.load(init)
+        model, tok, meta = checkpoint.load(init)
         if tok is None:
-            raise wyrd.CheckpointError(f"{init}: this checkpoint holds no tokenizer")
+            raise checkpoint.CheckpointError(f"{init}: this checkpoint holds no tokenizer")
     _check_seq_len(cfg, model.config)
     train_tokens, val_tokens, key = load_tokens(data, tok, out_dir, chat=True, lang=lang)
     rows = Rows.packed(train_tokens, cfg.seq_len, tok.eot_id)
@@ -651,7 +653,7 @@ def _config(args, defaults, phase, model_config=None):
     if args.resume:
         cfg, saved_phase = resume_config(args.out, given)
         if saved_phase != phase:
-            raise wyrd.CheckpointError(f"{args.out}: the saved run is a {saved_phase} run, not {phase}")
+            raise checkpoint.CheckpointError(f"{args.out}: the saved run is a {saved_phase} run, not {phase}")
         return check_config(cfg)
     cfg = replace(defaults, **{k: v for k, v in given.items() if v is not None})
     if given["seq_len"] is None and model_config is not None:
@@ -674,7 +676,7 @@ def _cmd_pretrain(args):
 
 
 def _cmd_finetune(args):
-    cfg = _config(args, FINETUNE, "finetune", wyrd.read_config(args.init) if args.init else None)
+    cfg = _config(args, FINETUNE, "finetune", checkpoint.read_config(args.init) if args.init else None)
     _fresh(args)
     finetune(args.data, args.init, args.out, cfg, args.resume, None if args.lang == "all" else args.lang)
 
@@ -689,7 +691,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, TokenizerError, wyrd.CheckpointError) as e:
+    except (DataError, TokenizerError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:

@@ -15,6 +15,8 @@ import pytest
 import chat
 import sampling
 import wyrd
+import tensorfile
+import checkpoint
 from tokenizer import Tokenizer
 
 import numpy as np  # noqa: E402  (after wyrd: the thread policy is set first)
@@ -60,7 +62,7 @@ def stopper(tok):
 @pytest.fixture(scope="module")
 def babbler_file(tok, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt") / "babbler.safetensors")
-    wyrd.save(path, babbler(tok), tok)
+    checkpoint.save(path, babbler(tok), tok)
     return path
 
 
@@ -314,7 +316,7 @@ def test_quantize_int8_replies_from_the_int8_model(babbler_file, capsys):
     args = ["--checkpoint", babbler_file, "--prompt", "Hello!", "--max-tokens", "12", "--temperature", "0"]
     r = run_chat([*args, "--quantize", "int8"])
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
-    model, tok, _ = wyrd.load(babbler_file, quantize="int8")
+    model, tok, _ = checkpoint.load(babbler_file, quantize="int8")
     assert model.quantized == "int8"
     chat.Repl(model, tok, chat.Settings(temperature=0, max_tokens=12), chat.DEFAULT_SYSTEM, False, False).say("Hello!")
     assert r.stdout == capsys.readouterr().out
@@ -323,9 +325,9 @@ def test_quantize_int8_replies_from_the_int8_model(babbler_file, capsys):
 
 
 def test_an_int8_file_chats_as_the_float_file_quantised(babbler_file, tmp_path):
-    model, tok, _ = wyrd.load(babbler_file)
+    model, tok, _ = checkpoint.load(babbler_file)
     int8_file = str(tmp_path / "int8.safetensors")
-    wyrd.save(int8_file, model, tok, dtype="int8")
+    checkpoint.save(int8_file, model, tok, dtype="int8")
     args = ["--prompt", "Hello!", "--max-tokens", "12", "--temperature", "0", "--quantize", "int8"]
     from_float = run_chat(["--checkpoint", babbler_file, *args])
     from_int8 = run_chat(["--checkpoint", int8_file, *args])
@@ -351,12 +353,12 @@ def test_int8_decoding_threads_spin_under_any_spelling_of_quantize():
 def test_a_model_too_large_for_memory_says_so_in_one_line(tok, tmp_path):
     model = nano(tok)
     path = str(tmp_path / "wide.safetensors")
-    wyrd.save(path, model, tok)
-    tensors, meta = wyrd.read_safetensors(path)
+    checkpoint.save(path, model, tok)
+    tensors, meta = tensorfile.read_safetensors(path)
     config = json.loads(meta["config"])
     config["sliding_window"] = 10 ** 12             # a decoding state of ~2 PB
     meta["config"] = json.dumps(config)
-    wyrd.write_safetensors(path, tensors, meta)
+    tensorfile.write_safetensors(path, tensors, meta)
     r = run_chat(["--checkpoint", path, "--prompt", "Hi"])
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert "need more memory than this machine has" in r.stderr
