@@ -33,6 +33,7 @@ import runtime  # noqa: E402
 from bench_kernels import best_of, matmul_gflops  # noqa: E402
 import wyrd  # noqa: E402
 import checkpoint  # noqa: E402
+import quant  # noqa: E402
 from wyrd import Chimera, get_config  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -70,7 +71,6 @@ def int8_matvec_gbps(float32_gbps, rounds=4, n=64, rows=4096, cols=1024):
     matrices of a model's row length (the input vector stays in L1), 285 MB in all (past
     the 32 MB L3), one after another as a decoded token reads them. Each round is paired
     with float32_gbps() measured just before it: -> [(int8 GB/s, float32 GB/s)]."""
-    import quant
     rng = np.random.default_rng(0)
     mats = [quant.Int8Linear(rng.integers(-127, 128, (rows, cols), dtype=np.int8),
                              rng.random((rows, cols // quant.GROUP), dtype=np.float32)) for _ in range(n)]
