@@ -53,7 +53,7 @@ from collections import deque
 
 import numpy as np
 
-import wyrd
+import checkpoint
 from sampling import Settings, complete, generate
 from tokenizer import DEFAULT_SYSTEM
 
@@ -336,13 +336,13 @@ def load_checkpoint(path, quantize=None):
     if not (os.path.isfile(path) or os.path.isdir(path)):  # a FIFO would block the read until a writer came
         raise SystemExit(f"error: {path} is not a regular file (a pipe or a device); pass a checkpoint file")
     try:
-        model, tok, _ = wyrd.load(path, quantize=quantize)
+        model, tok, _ = checkpoint.load(path, quantize=quantize)
     except ValueError as e:  # CheckpointError, TokenizerError, and json's own (an integer over 4,300 digits)
         raise SystemExit(f"error: {e}" if path in str(e) else f"error: {path}: {e}") from None
     except OSError as e:  # the file went away, or its disk failed, while it was read
         raise SystemExit(f"error: {path}: cannot read it ({e.strerror or e})") from None
     if tok is None:
-        raise SystemExit(f"error: {path} holds no tokenizer; save it with wyrd.save(path, model, tokenizer)")
+        raise SystemExit(f"error: {path} holds no tokenizer; save it with checkpoint.save(path, model, tokenizer)")
     if tok.vocab_size > model.config.vocab_size:
         raise SystemExit(f"error: {path}: the tokenizer has {tok.vocab_size} tokens but the model only "
                          f"{model.config.vocab_size}")
@@ -370,7 +370,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=None, help="for reproducible replies (default: random)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weights: ~4x faster replies from a large model "
                    "in 40%% of the memory, for a loss < 0.001 nats/token higher (README); needed to read a file "
-                   "saved with wyrd.save(dtype='int8')")
+                   "saved with checkpoint.save(dtype='int8')")
     p.add_argument("--serve", action="store_true", help="run the local web chat instead of the REPL")
     p.add_argument("--host", default="127.0.0.1", help="web chat address; requests naming another host are "
                    "refused, unless it is 0.0.0.0 (default: 127.0.0.1, this machine only)")
@@ -454,4 +454,10 @@ def run(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a user error (a file, a flag), already said in one line: exit code 2
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise

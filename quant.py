@@ -17,11 +17,16 @@ weight to float32 was not. Its inner loop is spelled in LLVM vector operations
 (groups_dot), so that every x86-64 CPU gets the same multiply-adds on its widest
 registers; groups_dot_reference is the same sum in plain loops.
 
-wyrd.quantize(model) and wyrd.load(path, quantize="int8") build models from these.
-The last section decodes one token through such a model in a Numba call per block.
+quantize(model) and checkpoint.load(path, quantize="int8") build models from these
+(the section "int8 models"); the last section decodes one token through such a model
+in a Numba call per block, the hook Chimera.step calls.
 Each kernel has a plain NumPy twin in tests/test_quant.py.
 """
+import json
 import math
+import sys
+
+from autograd import FAST, LANES, Tensor, dot, exp, is_grad_enabled, lane_sum, rmsnorm_row  # first: the thread policy (runtime.py)
 
 import numba
 import numpy as np
@@ -30,9 +35,10 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
 
-ir = cgutils.ir  # Numba's LLVM IR builder (llvmlite, which Numba ships and uses)
+import wyrd
+from tensorfile import CheckpointError
 
-from autograd import FAST, LANES, Tensor, dot, exp, is_grad_enabled, lane_sum, rmsnorm_row
+ir = cgutils.ir  # Numba's LLVM IR builder (llvmlite, which Numba ships and uses)
 
 GROUP = 64
 MATVEC_ROWS = 8  # up to this many tokens the kernel reads each weight once for all of them;
@@ -245,7 +251,7 @@ class Int8Linear:
             return Tensor(group.product(x)[..., start:stop])
         if is_grad_enabled():
             raise RuntimeError("this model has int8 weights, for inference only: train the float32 model "
-                               "(wyrd.load without quantize), or run it under autograd.no_grad()")
+                               "(checkpoint.load without quantize), or run it under autograd.no_grad()")
         O, I = self.shape
         x2 = np.ascontiguousarray(x.data, np.float32).reshape(-1, I)
         y = np.empty((x2.shape[0], O), np.float32)
@@ -307,6 +313,136 @@ class Int8Embedding:
     def head(self, x):
         """Logits x E^T."""
         return self.table(x)
+
+
+# ---------------------------------------------------------------------------
+# int8 models: the matrices (every Linear, the embedding and an untied head) as
+# Int8Linears; norms, biases and the RG-LRU vectors stay float32. A quarter of the
+# bytes, and decoding reads every weight once per token (speed and quality by
+# machine: docs/results/benchmarks.md).
+
+
+def quantize(model):
+    """-> an int8 inference copy of a float wyrd.Chimera (whose weights are left as they
+    are). Its `step`, `__call__` and `loss` work under autograd.no_grad(); it cannot train.
+    checkpoint.load(path, quantize="int8") builds the same model from a file."""
+    if model.quantized:
+        raise ValueError(f"this model is already {model.quantized}")
+    state = model.state_dict()
+    bad_values = [name for name, a in state.items() if not np.isfinite(a).all()]
+    if bad_values:
+        print(f"warning: {len(bad_values)} tensor(s) hold NaN or Inf values, e.g. {bad_values[0]}", file=sys.stderr)
+    qmodel = wyrd.Chimera(model.config, dtype=np.float32, init=None)
+    rows = 1 << 12  # rows at a time, as a file is read: quantising makes temporaries of its block
+
+    def blocks(name, shape):
+        for start in range(0, shape[0], rows):
+            yield start, state[name][start:start + rows].astype(np.float32, copy=False)
+
+    fill_int8(qmodel, blocks)
+    for name, p in qmodel.named_parameters():  # the float ones left
+        p.data[...] = state[name]
+    qmodel.int8 = Int8Decoder(qmodel)
+    return qmodel
+
+
+# Linears that read the same input: int8 stores each set as one matrix (Int8Group)
+SHARED_INPUT = [("input_proj", "input_gate_proj", "recurrence_gate_proj"), ("q_proj", "k_proj", "v_proj"),
+                ("w1", "w3")]
+
+
+def int8_matrices(model):
+    """(owner, attributes, name prefix) of the matrices int8 quantisation replaces; the
+    attributes of one entry read the same input and become one int8 matrix."""
+    yield model, ("embed_tokens",), ""
+    if not model.config.tie_word_embeddings:
+        yield model, ("lm_head",), ""
+    for i, layer in enumerate(model.layers):
+        for part in ("temporal_mix", "ffn"):
+            owner = getattr(layer, part)
+            attrs = [a for a, m in vars(owner).items() if isinstance(m, (wyrd.Linear, Int8Linear))]
+            for shared in SHARED_INPUT:
+                if set(shared) <= set(attrs):
+                    yield owner, shared, f"layers.{i}.{part}."
+                    attrs = [a for a in attrs if a not in shared]
+            for a in attrs:
+                yield owner, (a,), f"layers.{i}.{part}."
+
+
+def int8_named_matrices(model):
+    """(spec name without ".weight", its module) of each matrix int8 quantisation
+    replaces: for a quantised model the Int8Linear."""
+    for owner, attrs, prefix in int8_matrices(model):
+        for a in attrs:
+            m = getattr(owner, a)
+            yield prefix + a, getattr(m, "table", m)  # an Int8Embedding holds its Int8Linear as .table
+
+
+def int8_linears(model):
+    """The Int8Linear of every int8 matrix of a quantised model (none for a float one)."""
+    return [m for _, m in int8_named_matrices(model)] if model.quantized else []
+
+
+def scale_shapes(model):
+    """name -> shape of the `.weight_scale` an int8 file stores beside each matrix."""
+    shapes = {}
+    for name, m in int8_named_matrices(model):
+        rows, cols = m.weight.shape
+        shapes[name + ".weight_scale"] = (rows, -(-cols // GROUP))
+    return shapes
+
+
+# How an int8 file says what it holds (__metadata__['quantization']); load reads no other
+INT8_FILE = {"method": "int8", "group": GROUP}
+
+
+def check_int8_file(path, text, quantize):
+    try:
+        given = json.loads(text)
+    except (ValueError, RecursionError):
+        given = None
+    if given != INT8_FILE:
+        raise CheckpointError(f"{path}: __metadata__['quantization'] is {text[:80]!r}; "
+                              f"Wyrd reads int8 files of {json.dumps(INT8_FILE)}")
+    if quantize != "int8":
+        raise CheckpointError(f"{path} holds int8 weights, which only decode: load it with quantize='int8' "
+                              "(chat.py --quantize int8); to train, use the float checkpoint")
+
+
+def fill_int8(model, blocks, int8_file=False):
+    """Replace each matrix of a Chimera(init=None) by an Int8Linear filled from
+    blocks(name, shape) -> (first row, rows): float rows are quantised as they come,
+    an int8 file's (int8_file) are read as stored, with their scales."""
+    if model.dtype != np.float32:
+        raise ValueError(f"int8 models compute in float32, not {model.dtype}")
+    for owner, attrs, prefix in int8_matrices(model):
+        parts = [getattr(owner, a) for a in attrs]
+        ends = np.cumsum([m.weight.shape[0] for m in parts])
+        bounds = list(zip([0, *ends[:-1]], ends))
+        biased = [hasattr(m, "bias") for m in parts]
+        matrix = Int8Linear.empty(ends[-1], parts[0].weight.shape[1],
+                                  np.zeros(ends[-1], np.float32) if any(biased) else None)
+        for a, m, (start, stop), has in zip(attrs, parts, bounds, biased):
+            name = prefix + a + ".weight"
+            if int8_file:  # as checkpoint.save(dtype="int8") writes them: q in [-127, 127], scales >= 0
+                for row, q in blocks(name, m.weight.shape):
+                    if q.size and q.min() < -127:
+                        raise ValueError(f"{name} holds -128; int8 weights are in [-127, 127]")
+                    matrix.q[start + row:start + row + len(q)] = q
+                for row, scale in blocks(name + "_scale", matrix.scale[start:stop].shape):
+                    if (scale < 0).any():
+                        raise ValueError(f"{name}_scale holds negative scales")
+                    matrix.scale[start + row:start + row + len(scale)] = scale
+            else:
+                for row, block in blocks(name, m.weight.shape):
+                    matrix.set_rows(start + row, block)
+            for row, block in blocks(prefix + a + ".bias", (stop - start,)) if has else ():
+                matrix.bias[start + row:start + row + len(block)] = block
+        if len(parts) > 1:
+            for a, part in zip(attrs, Int8Group(matrix, bounds, biased).parts):
+                setattr(owner, a, part)
+        else:
+            setattr(owner, attrs[0], Int8Embedding(matrix) if isinstance(parts[0], wyrd.Embedding) else matrix)
 
 
 # ---------------------------------------------------------------------------
@@ -461,3 +597,73 @@ def embed_token(ids, q, scale):
 def head_token(x, norm, q, scale, eps):
     """logits = norm(x) W^T [B, V] for the last hidden x [B, d]."""
     return _linear(q, scale, np.zeros(0, np.float32), _rmsnorm(x, norm, eps))
+
+
+# int8 decoding's Numba threads spin between loops (runtime.py), so waking them is cheap
+# and a token's kernels all run on every core. But a prompt chunk goes through BLAS,
+# whose threads the spinning ones would rob of the cores: up to 512 tokens its kernels
+# stay on one thread (architecture §7.1)
+SERIAL_ROWS = 512
+
+
+class Int8Decoder:
+    """Chimera.step's hook for an int8 model (model.int8): up to MATVEC_ROWS sequences
+    of one token each go through the kernels above, a Numba call per block, instead of
+    ~25 ops each dispatched from Python. After reading ~250 MB of weights a token the
+    caches hold none of Python's own code and data, so every line of Python here costs
+    ~10x what it costs in a loop: the blocks' arrays are gathered once."""
+
+    def __init__(self, model):
+        self.model = model
+        self.refresh()
+
+    def refresh(self):
+        """Gather the arrays each kernel takes: the embedding's; per layer (is attention,
+        the mix's, the FFN's); the head's. Again after load_state_dict, as the RG-LRU's
+        c log a is computed here once (an int8 model never trains), in float64 because
+        sigmoid(lambda) can be within 1e-4 of 1."""
+        model = self.model
+        table = model.embed_tokens.table
+        head = table if model.config.tie_word_embeddings else model.lm_head
+        blocks = [(table.q, table.scale)]
+        for layer in model.layers:
+            mix, ffn, norm1 = layer.temporal_mix, layer.ffn, layer.norm1.weight.data
+            if isinstance(mix, wyrd.LocalAttention):
+                qkv = mix.q_proj.group[0].matrix
+                mix_arrays = (norm1, qkv.q, qkv.scale, mix.o_proj.q, mix.o_proj.scale)
+            else:
+                m = mix.input_proj.group[0].matrix
+                c_log_a = (mix.c * wyrd.rglru_log_a(mix.lambda_param.data)[0]).astype(np.float32)
+                mix_arrays = (norm1, m.q, m.scale, m.bias, c_log_a, mix.norm.weight.data,
+                              mix.output_proj.q, mix.output_proj.scale)
+            w13 = ffn.w1.group[0].matrix
+            blocks.append((isinstance(mix, wyrd.LocalAttention), mix_arrays,
+                           (layer.norm2.weight.data, w13.q, w13.scale, ffn.w2.q, ffn.w2.scale)))
+        self.blocks = tuple(blocks) + ((model.norm.weight.data, head.q, head.scale),)
+
+    def takes(self, ids):
+        return ids.ndim == 2 and ids.shape[1] == 1 and 0 < ids.size <= MATVEC_ROWS
+
+    def serial(self, n):
+        """Whether Chimera.step runs an n-token chunk's kernels on one thread."""
+        return MATVEC_ROWS < n <= SERIAL_ROWS
+
+    def num_params(self):
+        return sum(m.q.size + (0 if m.bias is None else m.bias.size) for m in int8_linears(self.model))
+
+    def step(self, ids, state):
+        """Chimera.step for ids [B, 1]: the next-token logits [B, V]."""
+        cfg = self.model.config
+        eps = np.float32(cfg.rms_norm_eps)
+        flat = ids.ravel()
+        if ids.dtype.kind not in "iu" or not 0 <= min(flat.tolist()) <= max(flat.tolist()) < cfg.vocab_size:
+            self.model._check_ids(ids)                                # says what is wrong
+        x = embed_token(flat, *self.blocks[0])                        # [B, d]
+        for (attention, mix, ffn), cache in zip(self.blocks[1:-1], state.layers):
+            if attention:
+                attention_token(x, cache["k"], cache["v"], state.pos, cfg.rope_theta, *mix, cfg.n_heads, eps)
+            else:
+                recurrent_token(x, cache["h"], *mix, eps)
+            ffn_token(x, *ffn, eps)
+        state.pos += 1
+        return head_token(x, *self.blocks[-1], eps)

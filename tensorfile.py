@@ -1,5 +1,5 @@
-"""safetensors files, written and read with NumPy and json only (wyrd.save and
-wyrd.load build on these; so do training's checkpoints).
+"""safetensors files, written and read with NumPy and json only (checkpoint.save and
+checkpoint.load build on these; so do training's checkpoints).
 
 Layout: 8-byte little-endian header length N, N bytes of JSON header
 {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}},

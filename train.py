@@ -36,7 +36,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 from numba import njit, prange
 
+import checkpoint
 import corpus
+import tensorfile
 from autograd import FAST, LANES, N_PARTIAL, no_grad
 from data import DataError, Rows, load_tokens, tokenizer_texts
 from runtime import atomic_write, remove_stale_temps
@@ -243,7 +245,7 @@ def train(model, tok, rows, val_rows, cfg, out, phase, data_key, meta=None, resu
     the end and on Ctrl-C (the step in progress is finished first). -> summary dict."""
     if model.quantized:
         raise ValueError(f"{phase}: this model has {model.quantized} weights, for inference only; "
-                         "train from the float checkpoint (wyrd.load without quantize)")
+                         "train from the float checkpoint (checkpoint.load without quantize)")
     opt = AdamW(model.named_parameters(), weight_decay=cfg.weight_decay)
     for path in run_files(out):  # what saves cut short by a kill left behind (a medium state: 1.8 GB)
         remove_stale_temps(path)
@@ -316,7 +318,7 @@ def _append(log, record):
 def _left_after_divergence(out):
     """What a diverged run leaves, and a command that starts again."""
     try:
-        meta = json.loads(wyrd.read_safetensors(out, data=False)[1]["meta"])
+        meta = json.loads(tensorfile.read_safetensors(out, data=False)[1]["meta"])
         kept = f"{meta['phase']} step {meta['step']}"
     except (OSError, ValueError, KeyError, TypeError, RecursionError):  # no checkpoint (ValueError: CheckpointError)
         return "no checkpoint was saved. Start again (without --resume) with a lower --lr."
@@ -420,8 +422,8 @@ def save_checkpoint(out, model, tok, opt, step, cfg, phase, data_key, meta):
     path, prev = state_path_of(out), prev_state_path_of(out)
     if os.path.exists(path) and os.path.exists(out):
         os.replace(path, prev)  # the old pair stays whole: old model + prev
-    wyrd.write_safetensors(path, tensors, {"wyrd_train_state": json.dumps(state)})
-    wyrd.save(out, model, tok, **dict(meta, step=step, steps=cfg.steps))
+    tensorfile.write_safetensors(path, tensors, {"wyrd_train_state": json.dumps(state)})
+    checkpoint.save(out, model, tok, **dict(meta, step=step, steps=cfg.steps))
     if os.path.exists(prev):
         os.remove(prev)
 
@@ -432,29 +434,29 @@ def read_train_state(out):
     path, prev = state_path_of(out), prev_state_path_of(out)
     has_state = os.path.exists(path) or os.path.exists(prev)
     if not os.path.exists(out) and has_state:
-        raise wyrd.CheckpointError(f"{out}: no checkpoint to resume from (the run stopped before saving its "
+        raise checkpoint.CheckpointError(f"{out}: no checkpoint to resume from (the run stopped before saving its "
                                    "first); start it again without --resume")
     if not os.path.exists(out):
-        raise wyrd.CheckpointError(f"{path}: no training state to resume from (run without --resume to start)")
+        raise checkpoint.CheckpointError(f"{path}: no training state to resume from (run without --resume to start)")
     if not has_state:
-        raise wyrd.CheckpointError(f"{path}: no training state to resume from, so {out} cannot be continued; "
+        raise checkpoint.CheckpointError(f"{path}: no training state to resume from, so {out} cannot be continued; "
                                    "start over with --overwrite, or choose another --out")
-    metadata = wyrd.read_safetensors(out, data=False)[1]
+    metadata = tensorfile.read_safetensors(out, data=False)[1]
     try:
         model_step = json.loads(metadata.get("meta", "{}")).get("step")
     except (ValueError, AttributeError, RecursionError):
-        raise wyrd.CheckpointError(f"{out}: bad __metadata__['meta']; cannot tell which step it holds") from None
+        raise checkpoint.CheckpointError(f"{out}: bad __metadata__['meta']; cannot tell which step it holds") from None
     steps = {}
     for candidate in (path, prev):
         if os.path.exists(candidate):
-            tensors, metadata = wyrd.read_safetensors(candidate)
+            tensors, metadata = tensorfile.read_safetensors(candidate)
             state = _train_state_of(candidate, metadata)
             if state["step"] == model_step:
                 if candidate == prev:
                     os.replace(prev, path)
                 return tensors, state
             steps[candidate] = state["step"]
-    raise wyrd.CheckpointError(f"{out} is at step {model_step!r} but " + " and ".join(
+    raise checkpoint.CheckpointError(f"{out} is at step {model_step!r} but " + " and ".join(
         f"{p} at step {s}" for p, s in steps.items()) + ": the pair cannot be resumed exactly; start over with "
         "--overwrite, or choose another --out")
 
@@ -465,10 +467,10 @@ def _train_state_of(path, metadata):
     try:
         state = json.loads(metadata["wyrd_train_state"])
     except (KeyError, ValueError, RecursionError):
-        raise wyrd.CheckpointError(f"{path}: not a Wyrd training state (no wyrd_train_state metadata)") from None
+        raise checkpoint.CheckpointError(f"{path}: not a Wyrd training state (no wyrd_train_state metadata)") from None
 
     def bad(problem):
-        return wyrd.CheckpointError(f"{path}: wyrd_train_state {problem}; expected what train.py writes: an "
+        return checkpoint.CheckpointError(f"{path}: wyrd_train_state {problem}; expected what train.py writes: an "
                                     "object of phase, step, adam_t, data_key and config (every training setting)")
     if not isinstance(state, dict):
         raise bad(f"is a JSON {type(state).__name__}")
@@ -497,15 +499,15 @@ def load_train_state(out, opt, phase, data_key):
     tensors, state = read_train_state(out)
     path = state_path_of(out)
     if state["phase"] != phase:
-        raise wyrd.CheckpointError(f"{path}: the saved run is a {state['phase']} run, not {phase}")
+        raise checkpoint.CheckpointError(f"{path}: the saved run is a {state['phase']} run, not {phase}")
     if state["data_key"] != data_key:
-        raise wyrd.CheckpointError(f"{path}: the data or tokenizer differ from the saved run's; "
+        raise checkpoint.CheckpointError(f"{path}: the data or tokenizer differ from the saved run's; "
                                    "resume with the same --data (files unchanged)")
     for name, p in opt.params:
         for moments, prefix in ((opt.m, "m."), (opt.v, "v.")):
             saved = tensors.get(prefix + name)
             if saved is None or saved.shape != p.data.shape:
-                raise wyrd.CheckpointError(f"{path}: optimizer state for {name} is missing or has the wrong shape")
+                raise checkpoint.CheckpointError(f"{path}: optimizer state for {name} is missing or has the wrong shape")
             moments[name][...] = saved
     opt.t = state["adam_t"]
     return state["step"]
@@ -517,7 +519,7 @@ def resume_config(out, given):
     saved = TrainConfig(**state["config"])
     for name, value in given.items():
         if value is not None and name != "steps" and value != getattr(saved, name):
-            raise wyrd.CheckpointError(f"--{name.replace('_', '-')} {value} differs from the saved run's "
+            raise checkpoint.CheckpointError(f"--{name.replace('_', '-')} {value} differs from the saved run's "
                                        f"{getattr(saved, name)}; a resumed run keeps its settings")
     return replace(saved, steps=given.get("steps") or saved.steps), state["phase"]
 
@@ -535,9 +537,9 @@ def train_tokenizer(texts, vocab_size):
 def load_tokenizer(path):
     """A tokenizer.json, or the tokenizer inside a Wyrd checkpoint."""
     if path.endswith(".safetensors"):
-        tok = wyrd.read_tokenizer(path)
+        tok = checkpoint.read_tokenizer(path)
         if tok is None:
-            raise wyrd.CheckpointError(f"{path}: this checkpoint holds no tokenizer")
+            raise checkpoint.CheckpointError(f"{path}: this checkpoint holds no tokenizer")
         return tok
     return Tokenizer.load(path)
 
@@ -601,7 +603,7 @@ def pretrain(data, out, preset="micro", tokenizer=None, cfg=PRETRAIN, resume=Fal
     """Pretrain on stories packed into one stream; trains a tokenizer unless one is given."""
     out_dir = _out_dir(out)
     if resume:
-        model, tok, meta = wyrd.load(out)
+        model, tok, meta = checkpoint.load(out)
     else:
         _check_seq_len(cfg, wyrd.get_config(preset))
         if tok is None and tokenizer:
@@ -626,13 +628,13 @@ def finetune(data, init, out, cfg=FINETUNE, resume=False, lang="en", model=None,
     """Fine-tune on conversations; only assistant tokens (and their <|im_end|>) are trained."""
     out_dir = _out_dir(out)
     if resume:
-        model, tok, meta = wyrd.load(out)
+        model, tok, meta = checkpoint.load(out)
     elif model is None:
         if not init:
             raise DataError("finetune needs --init CHECKPOINT (a pretrained model), or --resume")
-        model, tok, meta = wyrd.load(init)
+        model, tok, meta = checkpoint.load(init)
         if tok is None:
-            raise wyrd.CheckpointError(f"{init}: this checkpoint holds no tokenizer")
+            raise checkpoint.CheckpointError(f"{init}: this checkpoint holds no tokenizer")
     _check_seq_len(cfg, model.config)
     train_tokens, val_tokens, key = load_tokens(data, tok, out_dir, chat=True, lang=lang)
     rows = Rows.packed(train_tokens, cfg.seq_len, tok.eot_id)
@@ -826,8 +828,8 @@ def is_run_file(path, kind):
             return False
         return records >= others
     try:
-        metadata = wyrd.read_safetensors(path, data=False)[1]
-    except (OSError, wyrd.CheckpointError):
+        metadata = tensorfile.read_safetensors(path, data=False)[1]
+    except (OSError, checkpoint.CheckpointError):
         return False
     if kind == "state":
         return "wyrd_train_state" in metadata
@@ -891,7 +893,7 @@ def _config(args, defaults, phase, model_config=None):
     if args.resume:
         cfg, saved_phase = resume_config(args.out, given)
         if saved_phase != phase:
-            raise wyrd.CheckpointError(f"{args.out}: the saved run is a {saved_phase} run, not {phase}")
+            raise checkpoint.CheckpointError(f"{args.out}: the saved run is a {saved_phase} run, not {phase}")
         return check_config(cfg)
     cfg = replace(defaults, **{k: v for k, v in given.items() if v is not None})
     if given["seq_len"] is None and model_config is not None:
@@ -915,7 +917,7 @@ def _cmd_pretrain(args):
     check_out(args)
     claim_run_files(args)
     cfg = _config(args, PRETRAIN, "pretrain", wyrd.get_config(args.preset))
-    config = wyrd.read_config(args.out) if args.resume else wyrd.get_config(args.preset)
+    config = checkpoint.read_config(args.out) if args.resume else wyrd.get_config(args.preset)
     _check_seq_len(cfg, config)
     check_memory(cfg, config)
     pretrain(args.data, args.out, args.preset, args.tokenizer, cfg, args.resume)
@@ -924,9 +926,9 @@ def _cmd_pretrain(args):
 def _cmd_finetune(args):
     check_out(args)
     claim_run_files(args)
-    config = wyrd.read_config(args.init) if args.init and not args.resume else None
+    config = checkpoint.read_config(args.init) if args.init and not args.resume else None
     cfg = _config(args, FINETUNE, "finetune", config)
-    config = wyrd.read_config(args.out) if args.resume else config
+    config = checkpoint.read_config(args.out) if args.resume else config
     if config is not None:  # else finetune() says --init is missing
         _check_seq_len(cfg, config)
         check_memory(cfg, config)
@@ -943,7 +945,7 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         args.func(args)
-    except (DataError, TokenizerError, wyrd.CheckpointError) as e:
+    except (DataError, TokenizerError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Diverged as e:

@@ -2,38 +2,40 @@
 
 Read top to bottom, in the order a token flows through the model: the
 configuration and presets; Linear and RMSNorm; the token embedding; RoPE; the
-RG-LRU recurrence (its decay, its gated input and the linear scan as plain ops,
-then the fused kernel the layer runs, then the layer); sliding-window GQA attention
-(kernels, op, layer); the SwiGLU feed-forward and the residual block; the model;
-O(1)-state decoding; safetensors checkpoints. Each layer's Numba kernels sit beside
-the differentiable op that wraps them, forward and backward together, and the layer
-that uses it. The equations and names are those of docs/architecture.md (shared
-with the PyTorch Chimera, so weights move both ways).
+RG-LRU recurrence; sliding-window GQA attention; the SwiGLU feed-forward and the
+residual block; the model; O(1)-state decoding. Every section runs in one order:
+the Numba kernels, the differentiable op that wraps them (forward and backward
+together), then the layer that uses it. The RG-LRU's equations as three plain ops,
+a step at a time, are in rglru_reference.py. The
+equations and names are those of docs/architecture.md (shared with the PyTorch
+Chimera, so weights move both ways). Checkpoints are read and written by
+checkpoint.py; int8 weights and their decoding live in quant.py.
 
 The kernels live here, beside the model, rather than in autograd.py: they are
 the model's maths (the recurrence, the windowed attention), while autograd.py
 stays a small general engine that knows nothing about language models.
 """
 import contextlib
-import json
 import math
-import sys
 from dataclasses import asdict, dataclass, fields
 
-from autograd import (FAST, LANES, N_PARTIAL, Tensor, cat, cross_entropy, dot, embedding, exp,  # first: the thread policy
-                      is_grad_enabled, lane_sum, linear, linear_stack, no_grad, rmsnorm, sigmoid,  # (runtime.py)
+from autograd import (FAST, LANES, Tensor, cat, cross_entropy, dot, embedding, exp,  # first: the thread policy
+                      is_grad_enabled, lane_sum, linear, linear_stack, no_grad, rmsnorm,  # (runtime.py)
                       sigmoid_scalar, split, swiglu)
 
 import numpy as np
 import numba
 from numba import njit, prange
 
-import quant
-from tensorfile import CheckpointError, SafetensorsFile, bf16_bits, read_safetensors, write_safetensors  # noqa: F401
-
 
 # ---------------------------------------------------------------------------
 # Configuration
+
+
+# Upper bounds far beyond any preset, so that a crafted config is refused before it
+# sizes an array (a 2**40-token window would be a 2**40-slot decoding ring)
+LIMITS = {"vocab_size": 1 << 21, "d_model": 1 << 16, "n_layers": 1 << 10, "n_heads": 1 << 10,
+          "n_kv_heads": 1 << 10, "sliding_window": 1 << 20, "max_seq_len": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,10 @@ class ChimeraConfig:
 
     def __post_init__(self):
         problems = []
-        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "sliding_window", "max_seq_len"):
+        for f, most in LIMITS.items():
             v = getattr(self, f)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                problems.append(f"{f} must be a positive integer, got {v!r}")
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 1 <= v <= most:
+                problems.append(f"{f} must be an integer in [1, {most:,}], got {v!r}")
         if not problems:
             if self.d_model % self.n_heads:
                 problems.append(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
@@ -255,140 +257,11 @@ def rope(x, cos, sin):
 
 
 # ---------------------------------------------------------------------------
-# RG-LRU, the recurrent layer, in the order data flows: the decay a_t, the
-# gated input u_t, the linear scan h_t = a_t h_{t-1} + u_t, then the layer.
-
-
-@njit(parallel=True, cache=True, fastmath=FAST)
-def decay_backward_kernel(ga, a, r, c_log_a, c, gz, glog_a):
-    """a = exp(c r log_a), r = sigmoid(z), rows [N, d].
-    da/dz = a c log_a r (1 - r);  da/dlog_a = a c r (summed over rows, per chunk)."""
-    N, d = a.shape
-    P = glog_a.shape[0]
-    for part in prange(P):
-        for n in range(part * N // P, (part + 1) * N // P):
-            for j in range(d):
-                t = ga[n, j] * a[n, j]
-                gz[n, j] = t * c_log_a[j] * r[n, j] * (1.0 - r[n, j])
-                glog_a[part, j] += t * c * r[n, j]
-
-
-def rglru_decay(z, lambda_param, c):
-    """a_t = exp(c r_t log_a) = a^(c r_t), with r_t = sigmoid(z) and
-    log_a = log(sigmoid(lambda) + 1e-8) <= 0. z [B, T, d], lambda [d]."""
-    d = z.shape[-1]
-    log_a, dlog_a = rglru_log_a(lambda_param.data)
-    c_log_a = (c * log_a).astype(z.dtype)
-    r = sigmoid(z.data)
-    a = r * c_log_a
-    np.exp(a, out=a)
-
-    def backward(g):
-        gz, glog_a = np.empty_like(r), np.zeros((N_PARTIAL, d), r.dtype)
-        decay_backward_kernel(np.ascontiguousarray(g).reshape(-1, d), a.reshape(-1, d), r.reshape(-1, d),
-                              c_log_a, z.dtype.type(c), gz.reshape(-1, d), glog_a)
-        z._acc(gz)
-        lambda_param._acc((glog_a.sum(axis=0) * dlog_a).astype(z.dtype))
-    return Tensor.make(a, (z, lambda_param), backward)
-
-
-@njit(parallel=True, cache=True, fastmath=FAST)
-def input_forward_kernel(a, i, xp, u):
-    """u = sqrt(1 - a^2 + 1e-6) i xp, flat arrays."""
-    for n in prange(a.size):
-        u[n] = math.sqrt(1.0 - a[n] * a[n] + 1e-6) * i[n] * xp[n]
-
-
-@njit(parallel=True, cache=True, fastmath=FAST)
-def input_backward_kernel(gu, a, i, xp, ga, gz, gxp):
-    """With m = sqrt(1 - a^2 + 1e-6), u = m i xp, i = sigmoid(z):
-    du/da = -a i xp / m,  du/dz = m xp i (1 - i),  du/dxp = m i."""
-    for n in prange(a.size):
-        m = math.sqrt(1.0 - a[n] * a[n] + 1e-6)
-        ga[n] = -gu[n] * a[n] * i[n] * xp[n] / m
-        gz[n] = gu[n] * m * xp[n] * i[n] * (1.0 - i[n])
-        gxp[n] = gu[n] * m * i[n]
-
-
-def rglru_input(a, z, xp):
-    """u_t = sqrt(1 - a_t^2 + 1e-6) * (i_t * xp_t) with i_t = sigmoid(z)."""
-    ad, xd = np.ascontiguousarray(a.data), np.ascontiguousarray(xp.data)
-    i = sigmoid(z.data)
-    u = np.empty_like(ad)
-    input_forward_kernel(ad.reshape(-1), i.reshape(-1), xd.reshape(-1), u.reshape(-1))
-
-    def backward(g):
-        ga, gz, gxp = np.empty_like(ad), np.empty_like(ad), np.empty_like(ad)
-        input_backward_kernel(np.ascontiguousarray(g).reshape(-1), ad.reshape(-1), i.reshape(-1), xd.reshape(-1),
-                              ga.reshape(-1), gz.reshape(-1), gxp.reshape(-1))
-        a._acc(ga)
-        z._acc(gz)
-        xp._acc(gxp)
-    return Tensor.make(u, (a, z, xp), backward)
+# RG-LRU, the recurrent layer: the decay a_t, the gated input u_t and the linear
+# scan h_t = a_t h_{t-1} + u_t in one kernel each way, the op, then the layer.
 
 
 SCAN_BLOCK = 256  # channels per task: 1 KB contiguous per time step, so it streams and vectorises
-
-
-@njit(parallel=True, cache=True, fastmath=FAST)
-def scan_forward_kernel(a, u, h0, h):
-    """h_t = a_t * h_{t-1} + u_t, h_{-1} = h0. a, u, h [B, T, d]; h0 [B, d].
-
-    Channels are independent, so tasks are (batch, block of channels), each
-    walking time in order.
-    """
-    B, T, d = a.shape
-    nblk = (d + SCAN_BLOCK - 1) // SCAN_BLOCK
-    for job in prange(B * nblk):
-        b = job // nblk
-        lo = (job % nblk) * SCAN_BLOCK
-        hi = min(lo + SCAN_BLOCK, d)
-        for c in range(lo, hi):
-            h[b, 0, c] = a[b, 0, c] * h0[b, c] + u[b, 0, c]
-        for t in range(1, T):
-            for c in range(lo, hi):
-                h[b, t, c] = a[b, t, c] * h[b, t - 1, c] + u[b, t, c]
-
-
-@njit(parallel=True, cache=True, fastmath=FAST)
-def scan_backward_kernel(a, h, h0, gh, du, da, dh0):
-    """Reverse scan. With g_t = dL/dh_t = gh_t + g_{t+1} a_{t+1} (h_t feeds h_{t+1}):
-    dL/du_t = g_t, dL/da_t = g_t h_{t-1}, dL/dh0 = g_0 a_0. du holds g as it goes.
-    """
-    B, T, d = a.shape
-    nblk = (d + SCAN_BLOCK - 1) // SCAN_BLOCK
-    for job in prange(B * nblk):
-        b = job // nblk
-        lo = (job % nblk) * SCAN_BLOCK
-        hi = min(lo + SCAN_BLOCK, d)
-        for c in range(lo, hi):
-            du[b, T - 1, c] = gh[b, T - 1, c]
-        for t in range(T - 2, -1, -1):
-            for c in range(lo, hi):
-                du[b, t, c] = gh[b, t, c] + a[b, t + 1, c] * du[b, t + 1, c]
-        for t in range(T - 1, 0, -1):
-            for c in range(lo, hi):
-                da[b, t, c] = du[b, t, c] * h[b, t - 1, c]
-        for c in range(lo, hi):
-            da[b, 0, c] = du[b, 0, c] * h0[b, c]
-            dh0[b, c] = du[b, 0, c] * a[b, 0, c]
-
-
-def rglru_scan(a, u, h0):
-    """h_t = a_t h_{t-1} + u_t over time. a, u [B, T, d]; h0 broadcastable to [B, d]."""
-    B, T, d = a.shape
-    ad, ud = np.ascontiguousarray(a.data), np.ascontiguousarray(u.data)
-    h0d = np.ascontiguousarray(np.broadcast_to(h0.data.reshape(-1, d), (B, d)))
-    h = np.empty_like(ad)
-    scan_forward_kernel(ad, ud, h0d, h)
-
-    def backward(g):
-        du, da, dh0 = np.empty_like(ad), np.empty_like(ad), np.empty_like(h0d)
-        scan_backward_kernel(ad, h, h0d, np.ascontiguousarray(g), du, da, dh0)
-        a._acc(da)
-        u._acc(du)
-        h0._acc(dh0.sum(axis=0).reshape(h0.shape) if h0.data.size == d else dh0.reshape(h0.shape))
-    return Tensor.make(h, (a, u, h0), backward)
 
 
 def rglru_log_a(lambda_param):
@@ -462,8 +335,8 @@ def rglru_backward_kernel(y, c_log_a, h0, a, i, r, h, gh, gy, gh0, gc_log_a):
 
 
 def rglru(y, lambda_param, h0, c):
-    """h [B, T, d] from y = [xp | z_i | z_r] [B, T, 3d]: rglru_decay, rglru_input and
-    rglru_scan in one kernel each way, as one pass over time needs no [B, T, d]
+    """h [B, T, d] from y = [xp | z_i | z_r] [B, T, 3d]: rglru_reference.py's three ops
+    in one kernel each way, as one pass over time needs no [B, T, d]
     temporaries between them (tests/test_kernels.py checks it against those three)."""
     yd = np.ascontiguousarray(y.data)
     B, T, d3 = yd.shape
@@ -738,8 +611,7 @@ class Chimera(Module):
         if init not in ("wyrd", "reference", None):
             raise ValueError(f"init must be 'wyrd', 'reference' or None, got {init!r}")
         self.config, self.dtype = config, np.dtype(dtype)
-        self.quantized = None  # "int8" after quantize()
-        self.int8_blocks = None  # then the arrays of its one-token kernels (_gather_blocks)
+        self.int8 = None  # quant.Int8Decoder once quant.py has made the matrices int8
         rng = None if init is None else np.random.default_rng(seed)
         dt = self.dtype.type
         self.embed_tokens = Embedding(config.vocab_size, config.d_model, rng, dt)
@@ -828,59 +700,21 @@ class Chimera(Module):
         n = ids.size
         if ids.ndim and len(ids) != state.batch_size:  # (the int8 kernels would write past h)
             raise ValueError(f"token ids have {len(ids)} rows but the state holds {state.batch_size} sequences")
-        if self.quantized and ids.ndim == 2 and ids.shape[1] == 1 and 0 < n <= quant.MATVEC_ROWS:
-            return self._decode_int8(ids, state)
-        serial = quant.MATVEC_ROWS < n <= SERIAL_ROWS_INT8 if self.quantized else n <= SERIAL_ROWS
+        if self.int8 is not None and self.int8.takes(ids):
+            return self.int8.step(ids, state)                        # int8: a Numba call per block
+        serial = self.int8.serial(n) if self.int8 is not None else n <= SERIAL_ROWS
         with no_grad(), serial_kernels(serial):
             x = self.hidden(ids, state)[:, -1:]                       # only the last position is needed
             return self._head(self.norm(x)).data[:, 0]
 
-    def _decode_int8(self, ids, state):
-        """step for one token per sequence of an int8 model: the maths of hidden() and
-        the head in a Numba call per block (quant.py's last section), not ~25 ops each
-        dispatched from Python. After reading ~250 MB of weights a token the caches hold
-        none of Python's own code and data, so every line of Python here costs ~10x
-        what it costs in a loop: the blocks' arrays are gathered once (_gather_blocks)."""
-        cfg, eps = self.config, np.float32(self.config.rms_norm_eps)
-        flat = ids.ravel()
-        if ids.dtype.kind not in "iu" or not 0 <= min(flat.tolist()) <= max(flat.tolist()) < cfg.vocab_size:
-            self._check_ids(ids)                                      # says what is wrong
-        x = quant.embed_token(flat, *self.int8_blocks[0])                 # [B, d]
-        for (attention, mix, ffn), cache in zip(self.int8_blocks[1:-1], state.layers):
-            if attention:
-                quant.attention_token(x, cache["k"], cache["v"], state.pos, cfg.rope_theta, *mix, cfg.n_heads, eps)
-            else:
-                quant.recurrent_token(x, cache["h"], *mix, eps)
-            quant.ffn_token(x, *ffn, eps)
-        state.pos += 1
-        return quant.head_token(x, *self.int8_blocks[-1], eps)
-
-    def _gather_blocks(self):
-        """The arrays _decode_int8 passes to each kernel: the embedding's; per layer
-        (is attention, the mix's, the FFN's); the head's. The RG-LRU's c log a is
-        rglru_decay's, computed once (an int8 model never trains) and in float64, as
-        sigmoid(lambda) can be within 1e-4 of 1 (rglru_decay's float32 differs by ~1e-5)."""
-        table = self.embed_tokens.table
-        head = table if self.config.tie_word_embeddings else self.lm_head
-        blocks = [(table.q, table.scale)]
-        for layer in self.layers:
-            mix, ffn, norm1 = layer.temporal_mix, layer.ffn, layer.norm1.weight.data
-            if isinstance(mix, LocalAttention):
-                qkv = mix.q_proj.group[0].matrix
-                mix_arrays = (norm1, qkv.q, qkv.scale, mix.o_proj.q, mix.o_proj.scale)
-            else:
-                m = mix.input_proj.group[0].matrix
-                c_log_a = (mix.c * rglru_log_a(mix.lambda_param.data)[0]).astype(np.float32)
-                mix_arrays = (norm1, m.q, m.scale, m.bias, c_log_a, mix.norm.weight.data,
-                              mix.output_proj.q, mix.output_proj.scale)
-            w13 = ffn.w1.group[0].matrix
-            blocks.append((isinstance(mix, LocalAttention), mix_arrays,
-                           (layer.norm2.weight.data, w13.q, w13.scale, ffn.w2.q, ffn.w2.scale)))
-        return tuple(blocks) + ((self.norm.weight.data, head.q, head.scale),)  # a tuple: not a list of Modules
+    @property
+    def quantized(self):
+        """The weights' format when quant.py made them int8 ("int8"), else None."""
+        return None if self.int8 is None else "int8"
 
     # -- parameters -----------------------------------------------------------
     def num_params(self):
-        int8 = sum(m.q.size + (0 if m.bias is None else m.bias.size) for m in int8_linears(self))
+        int8 = self.int8.num_params() if self.int8 is not None else 0
         return sum(p.size for p in self.parameters()) + int8
 
     def state_dict(self):
@@ -892,16 +726,13 @@ class Chimera(Module):
             raise ValueError("load_state_dict: " + problem)
         for n, p in self.named_parameters():
             p.data[...] = np.asarray(state[n], dtype=self.dtype)
-        if self.quantized:  # c log a is derived from lambda_param
-            self.int8_blocks = self._gather_blocks()
+        if self.int8 is not None:  # its c log a is derived from lambda_param
+            self.int8.refresh()
 
-    def state_mismatch(self, shapes, int8_file=False):
-        """What is wrong with a state of these name -> shape, or "" when it fits;
-        int8_file: as save(dtype="int8") stores it, a `.weight_scale` beside each matrix."""
-        params = {n: p.shape for n, p in self.named_parameters()}
-        for name, _ in _int8_named_matrices(self) if int8_file else ():
-            rows, cols = params[name + ".weight"]
-            params[name + ".weight_scale"] = (rows, -(-cols // quant.GROUP))
+    def state_mismatch(self, shapes, extra=None):
+        """What is wrong with a state of these name -> shape, or "" when it fits; extra:
+        name -> shape of more tensors it must hold (an int8 file's scales)."""
+        params = {n: p.shape for n, p in self.named_parameters()} | (extra or {})
         missing = sorted(set(params) - set(shapes))
         unexpected = sorted(set(shapes) - set(params))
         wrong = [f"{n}: expected {params[n]}, got {tuple(shapes[n])}"
@@ -945,12 +776,7 @@ class DecodeState:
         return sum(a.nbytes for layer in self.layers for a in layer.values() if a is not None)
 
 
-SERIAL_ROWS = 32  # up to this many tokens, one thread runs the Numba kernels
-# int8 decoding's Numba threads spin between loops (runtime.py), so waking them is cheap
-# and a token's kernels all run on every core. But a prompt chunk goes through BLAS,
-# whose threads the spinning ones would rob of the cores: up to 512 tokens its kernels
-# stay on one thread (architecture §7.1)
-SERIAL_ROWS_INT8 = 512
+SERIAL_ROWS = 32  # up to this many tokens, one thread runs the Numba kernels (int8: quant.Int8Decoder.serial)
 
 
 @contextlib.contextmanager
@@ -965,257 +791,3 @@ def serial_kernels(on=True):
         yield
     finally:
         numba.set_num_threads(prev)
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints: one safetensors file (tensorfile.py) holding the weights under the
-# spec's names, the config and the tokenizer
-
-
-def save(path, model, tokenizer=None, dtype="f32", **meta):
-    """One self-describing file: the weights under the spec's names (a tied lm_head
-    is not stored), the config and the tokenizer as JSON strings in __metadata__.
-    dtype="bf16" halves the file (standard BF16 tensors; `load` gives float32 back).
-    dtype="int8" stores an int8 model (a float one is quantised as it is saved) in a
-    quarter of float32's bytes, for `load(path, quantize="int8")`: each matrix's int8
-    rows as `<name>.weight` (I8) and its scales as `<name>.weight_scale` (F32, one per
-    64 inputs: quant.py), every other parameter as F32, and __metadata__['quantization']."""
-    if dtype not in ("f32", "bf16", "int8"):
-        raise ValueError(f"dtype must be 'f32', 'bf16' or 'int8', got {dtype!r}")
-    if model.quantized and dtype != "int8":
-        raise ValueError(f"{path}: this model has {model.quantized} weights: save it with dtype='int8', "
-                         "or save the float model")
-    metadata = {"format": "wyrd", "config": json.dumps(model.config.to_dict())}
-    if tokenizer is not None:
-        metadata["tokenizer"] = tokenizer.to_json()
-    if meta:
-        metadata["meta"] = json.dumps(meta)
-    if dtype == "int8":
-        metadata["quantization"] = json.dumps(INT8_FILE)
-        model = model if model.quantized else quantize(model)
-    tensors = model.state_dict()                                        # an int8 model's: its float parameters
-    for name, m in _int8_named_matrices(model) if dtype == "int8" else ():
-        tensors[name + ".weight"], tensors[name + ".weight_scale"] = m.q, m.scale
-        if m.bias is not None:
-            tensors[name + ".bias"] = m.bias
-    write_safetensors(path, tensors, metadata, bf16=dtype == "bf16")
-
-
-def _config_of(path, metadata):
-    if "config" not in metadata:
-        raise CheckpointError(f"{path}: no model config in __metadata__['config']; was it written by wyrd.save?")
-    try:
-        return ChimeraConfig.from_dict(json.loads(metadata["config"]))
-    except (TypeError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: bad model config in __metadata__: {e}") from None
-
-
-def read_config(path):
-    """The ChimeraConfig of a checkpoint, from its header alone (no weights are read)."""
-    return _config_of(path, read_safetensors(path, data=False)[1])
-
-
-def _tokenizer_of(path, metadata):
-    if "tokenizer" not in metadata:
-        return None
-    from tokenizer import Tokenizer, TokenizerError
-    try:
-        return Tokenizer.from_json(metadata["tokenizer"], source=f"{path} __metadata__['tokenizer']")
-    except TokenizerError as e:
-        raise CheckpointError(f"{path}: bad tokenizer in __metadata__: {e}") from None
-
-
-def read_tokenizer(path):
-    """The tokenizer of a checkpoint (None if it holds none), from its header alone."""
-    return _tokenizer_of(path, read_safetensors(path, data=False)[1])
-
-
-def load(path, dtype=np.float32, quantize=None):
-    """-> (model, tokenizer or None, meta dict). The model is built in `dtype` whatever
-    the file stores (float32 by default, also from a float64 or bf16 file).
-    quantize="int8" gives the inference model of `quantize`, quantised as it is read:
-    the float32 model never exists in memory. An int8 file (save(dtype="int8")) needs
-    quantize="int8" and is read as stored."""
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-    with SafetensorsFile(path) as f:
-        config = _config_of(path, f.metadata)
-        int8_file = "quantization" in f.metadata
-        if int8_file:
-            _check_int8_file(path, f.metadata["quantization"], quantize)
-        shapes = {name: shape for name, (_, _, shape, _) in f.tensors.items()}
-        labels = {name: label for name, (_, _, _, label) in f.tensors.items()}
-        not_float = [name for name, (_, dt, _, label) in f.tensors.items()
-                     if label != "BF16" and dt.kind != "f" and not (int8_file and label == "I8")]
-        if not_float:
-            raise CheckpointError(f"{path}: weights must be floating point (F32, F16, BF16 or F64"
-                                  f"{'; I8 in an int8 file' if int8_file else ''}); "
-                                  f"{not_float[0]} is {f.tensors[not_float[0]][1]}")
-        # before allocating: a header's config must not imply more weights than the file holds
-        # (embedding + the FFNs alone are a lower bound), or n_layers=10**9 in a small file
-        # would build a model without bound
-        implied = config.vocab_size * config.d_model + config.n_layers * 3 * config.d_model * config.ffn_hidden
-        stored = sum(math.prod(shape) for shape in shapes.values())
-        if implied > stored:
-            raise CheckpointError(f"{path}: the config implies at least {implied:,} weights but the file holds "
-                                  f"{stored:,}: truncated, or the config does not belong to these tensors")
-        if config.tie_word_embeddings and "lm_head.weight" in shapes and "embed_tokens.weight" in shapes \
-                and not int8_file:
-            if not np.array_equal(f.read("lm_head.weight"), f.read("embed_tokens.weight")):
-                raise CheckpointError(f"{path}: config ties lm_head to embed_tokens but lm_head.weight differs")
-            del shapes["lm_head.weight"]  # a tied copy written by another tool
-        model = Chimera(config, dtype=dtype, init=None)
-        problem = model.state_mismatch(shapes, int8_file)
-        if problem:
-            raise CheckpointError(f"{path}: weights do not match the config: {problem}")
-        matrices = {name + ".weight" for name, _ in _int8_named_matrices(model)}
-        misfiled = [name for name in shapes if (labels[name] == "I8") != (name in matrices)
-                    or name.endswith(".weight_scale") and labels[name] != "F32"] if int8_file else []
-        if misfiled:
-            raise CheckpointError(f"{path}: {misfiled[0]} is {labels[misfiled[0]]}, but an int8 file stores the "
-                                  "matrices' weights as I8, their scales as F32 and everything else as floats")
-        try:
-            bad_values = _fill(model, f.read, quantize, int8_file)
-        except ValueError as e:  # values an int8 file never holds
-            raise CheckpointError(f"{path}: {e}") from None
-    if bad_values:  # loadable (to inspect it), but say so: it will produce NaN
-        print(f"warning: {path}: {len(bad_values)} tensor(s) hold NaN or Inf values, e.g. {bad_values[0]}",
-              file=sys.stderr)
-    tokenizer = _tokenizer_of(path, f.metadata)
-    try:
-        meta = json.loads(f.metadata.get("meta", "{}"))
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise CheckpointError(f"{path}: bad __metadata__['meta']: {e}") from None
-    return model, tokenizer, meta
-
-
-# ---------------------------------------------------------------------------
-# int8 inference: the matrices (every Linear and the embedding/head) as int8 rows
-# with a float32 scale per 64 inputs (quant.py); norms, biases and the RG-LRU
-# vectors stay float32. A quarter of the bytes, and decoding reads every weight once
-# per token (speed and quality by machine: docs/results/benchmarks.md).
-
-
-def quantize(model):
-    """-> an int8 inference copy of a float model (whose weights are left as they are).
-    Its `step`, `__call__` and `loss` work under autograd.no_grad(); it cannot train."""
-    if model.quantized:
-        raise ValueError(f"this model is already {model.quantized}")
-    state = model.state_dict()
-    qmodel = Chimera(model.config, dtype=np.float32, init=None)
-    bad_values = _fill(qmodel, lambda name, start=0, stop=None: state[name][start:stop], "int8")
-    if bad_values:
-        print(f"warning: {len(bad_values)} tensor(s) hold NaN or Inf values, e.g. {bad_values[0]}", file=sys.stderr)
-    return qmodel
-
-
-# Linears that read the same input: int8 stores each set as one matrix (quant.Int8Group)
-SHARED_INPUT = [("input_proj", "input_gate_proj", "recurrence_gate_proj"), ("q_proj", "k_proj", "v_proj"),
-                ("w1", "w3")]
-
-
-def _int8_matrices(model):
-    """(owner, attributes, name prefix) of the matrices int8 quantisation replaces; the
-    attributes of one entry read the same input and become one int8 matrix."""
-    yield model, ("embed_tokens",), ""
-    if not model.config.tie_word_embeddings:
-        yield model, ("lm_head",), ""
-    for i, layer in enumerate(model.layers):
-        for part in ("temporal_mix", "ffn"):
-            owner = getattr(layer, part)
-            attrs = [a for a, m in vars(owner).items() if isinstance(m, (Linear, quant.Int8Linear))]
-            for shared in SHARED_INPUT:
-                if set(shared) <= set(attrs):
-                    yield owner, shared, f"layers.{i}.{part}."
-                    attrs = [a for a in attrs if a not in shared]
-            for a in attrs:
-                yield owner, (a,), f"layers.{i}.{part}."
-
-
-def _int8_named_matrices(model):
-    """(spec name without ".weight", its module) of each matrix int8 quantisation
-    replaces: for a quantised model the Int8Linear."""
-    for owner, attrs, prefix in _int8_matrices(model):
-        for a in attrs:
-            m = getattr(owner, a)
-            yield prefix + a, getattr(m, "table", m)  # an Int8Embedding holds its Int8Linear as .table
-
-
-def int8_linears(model):
-    """The Int8Linear of every int8 matrix of a quantised model (none for a float one)."""
-    return [m for _, m in _int8_named_matrices(model)] if model.quantized else []
-
-
-# How an int8 file says what it holds (__metadata__['quantization']); load reads no other
-INT8_FILE = {"method": "int8", "group": quant.GROUP}
-
-
-def _check_int8_file(path, text, quantize):
-    try:
-        given = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        given = None
-    if given != INT8_FILE:
-        raise CheckpointError(f"{path}: __metadata__['quantization'] is {text[:80]!r}; "
-                              f"Wyrd reads int8 files of {json.dumps(INT8_FILE)}")
-    if quantize != "int8":
-        raise CheckpointError(f"{path} holds int8 weights, which only decode: load it with quantize='int8' "
-                              "(chat.py --quantize int8); to train, use the float checkpoint")
-
-
-def _fill(model, read, quantize=None, int8_file=False):
-    """Fill a Chimera(init=None) from read(name, start, stop) -> rows, a block at a
-    time, so loading holds no second copy of the model; quantize="int8" replaces each
-    matrix by its int8 form as it is read (int8_file: read as stored, with its
-    scales). -> names of tensors holding NaN/Inf."""
-    bad_values = []
-
-    def blocks(name, shape):  # (first row, rows) of about 256 KB; floats as the model's dtype
-        step = max(1, (1 << 16) // max(1, math.prod(shape[1:])))
-        for start in range(0, shape[0], step):
-            block = read(name, start, start + step)
-            if block.dtype.kind == "f":
-                with np.errstate(over="ignore"):  # an F64 1e300 becomes inf here, and is reported as such
-                    block = block.astype(model.dtype, copy=False)
-                if not np.isfinite(block).all() and name not in bad_values:
-                    bad_values.append(name)
-            yield start, block
-
-    if quantize == "int8":
-        if model.dtype != np.float32:
-            raise ValueError(f"int8 models compute in float32, not {model.dtype}")
-        for owner, attrs, prefix in _int8_matrices(model):
-            parts = [getattr(owner, a) for a in attrs]
-            ends = np.cumsum([m.weight.shape[0] for m in parts])
-            bounds = list(zip([0, *ends[:-1]], ends))
-            biased = [hasattr(m, "bias") for m in parts]
-            matrix = quant.Int8Linear.empty(ends[-1], parts[0].weight.shape[1],
-                                            np.zeros(ends[-1], np.float32) if any(biased) else None)
-            for a, m, (start, stop), has in zip(attrs, parts, bounds, biased):
-                name = prefix + a + ".weight"
-                if int8_file:  # as save(dtype="int8") writes them: q in [-127, 127], scales >= 0
-                    for row, q in blocks(name, m.weight.shape):
-                        if q.size and q.min() < -127:
-                            raise ValueError(f"{name} holds -128; int8 weights are in [-127, 127]")
-                        matrix.q[start + row:start + row + len(q)] = q
-                    for row, scale in blocks(name + "_scale", matrix.scale[start:stop].shape):
-                        if (scale < 0).any():
-                            raise ValueError(f"{name}_scale holds negative scales")
-                        matrix.scale[start + row:start + row + len(scale)] = scale
-                else:
-                    for row, block in blocks(name, m.weight.shape):
-                        matrix.set_rows(start + row, block)
-                for row, block in blocks(prefix + a + ".bias", (stop - start,)) if has else ():
-                    matrix.bias[start + row:start + row + len(block)] = block
-            if len(parts) > 1:
-                for a, part in zip(attrs, quant.Int8Group(matrix, bounds, biased).parts):
-                    setattr(owner, a, part)
-            else:
-                setattr(owner, attrs[0], quant.Int8Embedding(matrix) if isinstance(parts[0], Embedding) else matrix)
-        model.quantized = "int8"
-    for name, p in model.named_parameters():
-        for start, block in blocks(name, p.shape):
-            p.data[start:start + len(block)] = block
-    if quantize == "int8":
-        model.int8_blocks = model._gather_blocks()
-    return bad_values

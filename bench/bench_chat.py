@@ -23,6 +23,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import wyrd  # noqa: E402  (first: the thread policy must be in place when NumPy loads)
+import quant  # noqa: E402
+import checkpoint  # noqa: E402
 import chat  # noqa: E402
 import sampling  # noqa: E402
 
@@ -76,7 +78,7 @@ def main():
     print(f"{os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the start")
     kind = f", {args.quantize}" if args.quantize else ""
     if os.path.exists(args.checkpoint):
-        model, tok, _ = wyrd.load(args.checkpoint, quantize=args.quantize)
+        model, tok, _ = checkpoint.load(args.checkpoint, quantize=args.quantize)
         bench(f"{os.path.basename(args.checkpoint)} ({model.num_params() / 1e6:.1f}M{kind})", model, tok,
               args.history, args.new, args.repeats)
     else:
@@ -84,7 +86,7 @@ def main():
     for preset in args.presets:
         model = wyrd.Chimera(preset)
         if args.quantize:
-            model = wyrd.quantize(model)
+            model = quant.quantize(model)
         bench(f"{preset} random ({model.num_params() / 1e6:.1f}M{kind})", model, None, args.history,
               args.new if preset in ("nano", "tiny") else min(args.new, 32), args.repeats)
 

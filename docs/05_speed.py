@@ -29,6 +29,7 @@ import numba
 import numpy as np
 
 import svg
+import rglru_reference
 import wyrd
 import bench_kernels  # bench/: the benchmarks' own yardstick and timer
 from bench_kernels import best_of
@@ -90,7 +91,7 @@ def scan_gbps(B, T, d):
 
     def run():
         ta, tu, th = Tensor(a, requires_grad=True), Tensor(u, requires_grad=True), Tensor(h0, requires_grad=True)
-        wyrd.rglru_scan(ta, tu, th).backward(g)
+        rglru_reference.rglru_scan(ta, tu, th).backward(g)
     t = best_of(run)
     # forward reads a, u and writes h; backward reads a, h, g and writes du, da: ~8 arrays of B T d
     return t, 8 * a.nbytes / t / 1e9
@@ -137,7 +138,7 @@ for T, (fb, f, dense, gf) in att.items():
           f"dense numpy fwd {dense * 1e3:.2f} ms")
 
 rep.md(f"""
-**RG-LRU scan** (`wyrd.rglru_scan`, B, T, d = {scan_shape}), forward + backward:
+**RG-LRU scan** (`rglru_reference.rglru_scan`, B, T, d = {scan_shape}), forward + backward:
 {scan_t * 1e3:.2f} ms, **{scan_rate:.1f} GB/s** of the 8 arrays of B x T x d floats it reads and
 writes (the scan does one multiply-add per element: it is bound by memory, not
 arithmetic).

@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 import struct
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -17,7 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tensorfile  # noqa: E402
 import wyrd  # noqa: E402
-from wyrd import Chimera, ChimeraConfig, CheckpointError, get_config  # noqa: E402
+import checkpoint  # noqa: E402
+from checkpoint import CheckpointError  # noqa: E402
+from wyrd import Chimera, ChimeraConfig, get_config  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 # ---------------------------------------------------------------------------
@@ -73,14 +76,14 @@ def nano():
 @pytest.fixture()
 def nano_file(nano, tmp_path):
     path = tmp_path / "nano.safetensors"
-    wyrd.save(str(path), nano)
+    checkpoint.save(str(path), nano)
     return path
 
 
 def expect_error(path, *words):
     """Reading (and loading) `path` raises CheckpointError naming the file and the problem."""
     with pytest.raises(CheckpointError) as e:
-        wyrd.load(str(path))
+        checkpoint.load(str(path))
     msg = str(e.value)
     assert str(path) in msg, msg
     problem = msg.replace(str(path), "")  # the words must not come from the path itself
@@ -95,8 +98,8 @@ def expect_error(path, *words):
 
 def test_save_load_roundtrip_is_bit_exact(nano, tmp_path):
     path = tmp_path / "model.safetensors"
-    wyrd.save(str(path), nano, step=1234, lr=3e-4, note="café", history=[1.5, 2.25])
-    model, tok, meta = wyrd.load(str(path))
+    checkpoint.save(str(path), nano, step=1234, lr=3e-4, note="café", history=[1.5, 2.25])
+    model, tok, meta = checkpoint.load(str(path))
     assert tok is None
     assert meta == {"step": 1234, "lr": 3e-4, "note": "café", "history": [1.5, 2.25]}
     assert model.config == nano.config
@@ -109,7 +112,7 @@ def test_save_load_roundtrip_is_bit_exact(nano, tmp_path):
 
 
 def test_load_without_meta_gives_empty_dict(nano, nano_file):
-    model, tok, meta = wyrd.load(str(nano_file))
+    model, tok, meta = checkpoint.load(str(nano_file))
     assert meta == {} and tok is None
     assert model.num_params() == nano.num_params()
 
@@ -119,10 +122,10 @@ def test_untied_model_roundtrip_stores_lm_head(tmp_path):
                         max_seq_len=32, attention_every_n=2, tie_word_embeddings=False)
     m = Chimera(cfg, seed=5, init="reference")
     path = tmp_path / "untied.safetensors"
-    wyrd.save(str(path), m)
+    checkpoint.save(str(path), m)
     header, _, _ = parse(path.read_bytes())
     assert header["lm_head.weight"]["shape"] == [40, 16]
-    m2, _, _ = wyrd.load(str(path))
+    m2, _, _ = checkpoint.load(str(path))
     assert not m2.config.tie_word_embeddings
     assert np.array_equal(m2.lm_head.weight.data, m.lm_head.weight.data)
     assert not np.array_equal(m2.lm_head.weight.data, m2.embed_tokens.weight.data)
@@ -133,8 +136,8 @@ def test_roundtrip_with_tokenizer(nano, tmp_path):
              "One day the cat saw a big dog. The dog wanted to play too!"] * 3
     tok = Tokenizer.train(texts, 256 + 3 + 24)
     path = tmp_path / "with_tok.safetensors"
-    wyrd.save(str(path), nano, tokenizer=tok, step=1)
-    model, tok2, meta = wyrd.load(str(path))
+    checkpoint.save(str(path), nano, tokenizer=tok, step=1)
+    model, tok2, meta = checkpoint.load(str(path))
     assert meta == {"step": 1}
     assert tok2 is not None and tok2.vocab_size == tok.vocab_size
     sample = "The little dog saw a cat. <|im_end|> ünïcode"
@@ -148,7 +151,7 @@ def test_roundtrip_with_tokenizer(nano, tmp_path):
 def test_corrupt_tokenizer_metadata_is_a_checkpoint_error(nano, tmp_path):
     path = tmp_path / "badtok.safetensors"
     metadata = {"format": "wyrd", "config": json.dumps(nano.config.to_dict()), "tokenizer": "{not json"}
-    wyrd.write_safetensors(str(path), nano.state_dict(), metadata)
+    tensorfile.write_safetensors(str(path), nano.state_dict(), metadata)
     expect_error(path, "tokenizer")
 
 
@@ -224,7 +227,7 @@ def test_read_handwritten_safetensors(tmp_path):
     ]
     path = tmp_path / "hand.safetensors"
     path.write_bytes(safetensors_bytes(entries, {"who": "hand", "n": "1"}, pad=False))
-    tensors, metadata = wyrd.read_safetensors(str(path))
+    tensors, metadata = tensorfile.read_safetensors(str(path))
     assert metadata == {"who": "hand", "n": "1"}
     assert set(tensors) == {"z.f32", "a.bf16", "m.f16", "b.f64", "c.i32", "e.empty"}
     assert tensors["z.f32"].dtype == np.float32 and np.array_equal(tensors["z.f32"], f32)
@@ -248,15 +251,15 @@ def test_load_converts_bf16_and_f16_checkpoints(nano, tmp_path):
         expected[name] = (top.astype(np.uint32) << 16).view(np.float32)
     path = tmp_path / "bf16.safetensors"
     path.write_bytes(safetensors_bytes(entries, {"config": config}))
-    model, _, _ = wyrd.load(str(path))
+    model, _, _ = checkpoint.load(str(path))
     for name, p in model.named_parameters():
         assert p.dtype == np.float32 and np.array_equal(p.data, expected[name]), name
     # F16, through write_safetensors
     half = {k: v.astype(np.float16) for k, v in state.items()}
     path16 = tmp_path / "f16.safetensors"
-    wyrd.write_safetensors(str(path16), half, {"config": config})
+    tensorfile.write_safetensors(str(path16), half, {"config": config})
     assert parse(path16.read_bytes())[0]["norm.weight"]["dtype"] == "F16"
-    model16, _, _ = wyrd.load(str(path16))
+    model16, _, _ = checkpoint.load(str(path16))
     for name, p in model16.named_parameters():
         assert p.dtype == np.float32 and np.array_equal(p.data, half[name].astype(np.float32)), name
 
@@ -266,17 +269,17 @@ def test_header_length_that_looks_like_a_magic_number_still_loads(nano, tmp_path
     """A valid header whose length starts with byte 0x80 (n = 128, 384, ...: 1 in 32 of
     the 8-byte-padded lengths) or with b"PK" (n = 19280, ...) is still safetensors."""
     path = tmp_path / "m.safetensors"
-    wyrd.save(str(path), nano, note="")
+    checkpoint.save(str(path), nano, note="")
     header, _, n = parse(path.read_bytes())
     raw_len = len(json.dumps(header, separators=(",", ":")).encode())  # unpadded length with note=""
     modulus = 256 if low < 256 else 65536
     target = raw_len + (low - raw_len) % modulus  # the smallest length >= raw_len with those low bytes
     # note="x"*k adds k characters to the JSON string inside the metadata string
-    wyrd.save(str(path), nano, note="x" * (target - raw_len))
+    checkpoint.save(str(path), nano, note="x" * (target - raw_len))
     raw = path.read_bytes()
     assert struct.unpack("<Q", raw[:8])[0] == target  # the precondition of this test
     assert raw[:1] == b"\x80" or raw[:2] == b"PK"
-    model, _, meta = wyrd.load(str(path))
+    model, _, meta = checkpoint.load(str(path))
     assert meta == {"note": "x" * (target - raw_len)}
     assert np.array_equal(model.embed_tokens.weight.data, nano.embed_tokens.weight.data)
 
@@ -350,7 +353,7 @@ def test_corrupt_file_is_rejected(tmp_path, name):
     path = tmp_path / f"{name}.safetensors"
     path.write_bytes(raw)
     with pytest.raises(CheckpointError) as e:
-        wyrd.read_safetensors(str(path))
+        tensorfile.read_safetensors(str(path))
     msg = str(e.value)
     assert str(path) in msg, msg
     problem = msg.replace(str(path), "")
@@ -365,7 +368,7 @@ def test_shape_whose_size_overflows_int64_is_rejected(tmp_path):
     path = tmp_path / "overflow.safetensors"
     path.write_bytes(raw_file({"a": {"dtype": "F32", "shape": [2**33, 2**31], "data_offsets": [0, 0]}}, b""))
     with pytest.raises(CheckpointError) as e:
-        wyrd.read_safetensors(str(path))
+        tensorfile.read_safetensors(str(path))
     assert str(path) in str(e.value) and "'a'" in str(e.value).replace(str(path), "")
 
 
@@ -402,7 +405,7 @@ def test_pickle_and_zip_checkpoints_are_never_unpickled(tmp_path, monkeypatch):
         msg = expect_error(path, "pickle")
         assert "safetensors" in msg
         with pytest.raises(CheckpointError):
-            wyrd.read_safetensors(str(path))
+            tensorfile.read_safetensors(str(path))
     assert not marker.exists()
 
 
@@ -410,7 +413,7 @@ def test_pickle_and_zip_checkpoints_are_never_unpickled(tmp_path, monkeypatch):
 
 
 def _write_model_file(path, tensors, metadata):
-    wyrd.write_safetensors(str(path), tensors, metadata)
+    tensorfile.write_safetensors(str(path), tensors, metadata)
     return path
 
 
@@ -448,6 +451,53 @@ def test_bad_meta_json(nano, tmp_path):
     expect_error(path, "meta")
 
 
+@pytest.mark.parametrize("meta", ["[1]", '"text"', "7", "null", '{"step": 1' + "0" * 5000 + "}"])
+def test_meta_that_is_not_a_json_object_is_a_checkpoint_error(nano, tmp_path, meta):
+    """Callers read meta as a dict (meta.get("step")); a list there was a TypeError later,
+    and an integer beyond Python's 4,300 digits a ValueError out of json."""
+    path = _write_model_file(tmp_path / "meta.safetensors", nano.state_dict(),
+                             {"config": json.dumps(nano.config.to_dict()), "meta": meta})
+    expect_error(path, "meta")
+    with pytest.raises(CheckpointError, match="meta"):
+        checkpoint.read_meta(str(path))
+
+
+@pytest.mark.parametrize("field,value", [("sliding_window", 2 ** 40), ("max_seq_len", 2 ** 40),
+                                         ("vocab_size", 2 ** 31), ("n_kv_heads", 2 ** 62)])
+def test_config_fields_beyond_their_stated_bounds_are_refused_at_load(nano, tmp_path, field, value):
+    """A 2**40-token window passed every check (the weights do not depend on it) and then
+    failed inside the attention kernel or sized a 2**40-slot decoding ring."""
+    cfg = dict(nano.config.to_dict(), **{field: value})
+    path = _write_model_file(tmp_path / "big.safetensors", nano.state_dict(), {"config": json.dumps(cfg)})
+    expect_error(path, field, f"{wyrd.LIMITS[field]:,}")
+
+
+def test_config_with_an_integer_beyond_pythons_digit_limit(nano, tmp_path):
+    text = json.dumps(nano.config.to_dict()).replace('"n_layers": 3', '"n_layers": 3' + "0" * 5000)
+    path = _write_model_file(tmp_path / "digits.safetensors", nano.state_dict(), {"config": text})
+    expect_error(path, "config")
+
+
+@pytest.mark.parametrize("program", ["train", "chat"])
+def test_crafted_init_checkpoints_give_one_line_errors_in_train_and_chat(nano, tmp_path, program):
+    """The programs a user points at a file: one line naming it, exit code 2."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.train(["a tiny story about a cat. " * 20], 300)
+    files = {"window": dict(config=json.dumps(dict(nano.config.to_dict(), sliding_window=2 ** 40))),
+             "meta": dict(config=json.dumps(nano.config.to_dict()), meta="[1]")}
+    root = Path(__file__).resolve().parents[1]
+    for name, metadata in files.items():
+        path = _write_model_file(tmp_path / f"{name}.safetensors", nano.state_dict(),
+                                 dict(metadata, tokenizer=tok.to_json()))
+        args = ([str(root / "train.py"), "finetune", "--data", "builtin:20", "--init", str(path), "--steps", "1",
+                 "--out", str(tmp_path / f"{name}-out.safetensors")] if program == "train"
+                else [str(root / "chat.py"), "--checkpoint", str(path), "--prompt", "hi", "--max-tokens", "2"])
+        r = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and str(path) in lines[0], (name, r.returncode, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
 def test_weights_not_matching_config(nano, tmp_path):
     config = {"config": json.dumps(nano.config.to_dict())}
     missing = nano_tensors(nano)
@@ -465,7 +515,7 @@ def test_weights_not_matching_config(nano, tmp_path):
 
 
 
-@pytest.mark.parametrize("field, value", [("n_layers", 10 ** 9), ("d_model", 1 << 20), ("vocab_size", 10 ** 12)])
+@pytest.mark.parametrize("field, value", [("n_layers", 1 << 10), ("d_model", 1 << 16), ("vocab_size", 1 << 21)])  # in bounds
 def test_a_config_that_implies_more_weights_than_the_file_holds_is_refused_before_allocating(
         nano, tmp_path, field, value, monkeypatch):
     config = dict(nano.config.to_dict(), **{field: value})
@@ -493,12 +543,12 @@ def test_nan_weights_load_with_a_warning(nano, tmp_path, capsys):
     tensors["norm.weight"] = tensors["norm.weight"].copy()
     tensors["norm.weight"][3] = np.nan
     path = _write_model_file(tmp_path / "nan.safetensors", tensors, {"config": json.dumps(nano.config.to_dict())})
-    model = wyrd.load(str(path))[0]
+    model = checkpoint.load(str(path))[0]
     assert np.isnan(model.norm.weight.data[3])
     err = capsys.readouterr().err
     assert str(path) in err and "NaN or Inf" in err and "norm.weight" in err
-    wyrd.save(str(tmp_path / "ok.safetensors"), nano)
-    wyrd.load(str(tmp_path / "ok.safetensors"))
+    checkpoint.save(str(tmp_path / "ok.safetensors"), nano)
+    checkpoint.load(str(tmp_path / "ok.safetensors"))
     assert "NaN" not in capsys.readouterr().err
     # an F64 value past float32's range is inf once loaded: reported as one
     tensors = {name: a.astype(np.float64) for name, a in nano_tensors(nano).items()}
@@ -506,7 +556,7 @@ def test_nan_weights_load_with_a_warning(nano, tmp_path, capsys):
     path = _write_model_file(tmp_path / "big.safetensors", tensors, {"config": json.dumps(nano.config.to_dict())})
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # and NumPy's own overflow warning stays quiet
-        model = wyrd.load(str(path))[0]
+        model = checkpoint.load(str(path))[0]
     assert model.norm.weight.data[3] == np.inf and "NaN or Inf" in capsys.readouterr().err
 
 
@@ -527,7 +577,7 @@ def test_deeply_nested_json_in_a_header_or_its_metadata_is_a_checkpoint_error(na
 def test_tied_lm_head_written_by_another_tool(nano, tmp_path):
     config = {"config": json.dumps(nano.config.to_dict())}
     same = dict(nano_tensors(nano), **{"lm_head.weight": nano.embed_tokens.weight.data.copy()})
-    model, _, _ = wyrd.load(str(_write_model_file(tmp_path / "tied.safetensors", same, config)))
+    model, _, _ = checkpoint.load(str(_write_model_file(tmp_path / "tied.safetensors", same, config)))
     assert np.array_equal(model.embed_tokens.weight.data, nano.embed_tokens.weight.data)
     differs = dict(same, **{"lm_head.weight": nano.embed_tokens.weight.data + 1})
     expect_error(_write_model_file(tmp_path / "untied.safetensors", differs, config), "lm_head")
@@ -539,15 +589,15 @@ def test_tied_lm_head_written_by_another_tool(nano, tmp_path):
 
 def test_save_leaves_no_temporary_files(nano, tmp_path):
     path = tmp_path / "m.safetensors"
-    wyrd.save(str(path), nano)
-    wyrd.save(str(path), nano, step=2)  # overwriting too
+    checkpoint.save(str(path), nano)
+    checkpoint.save(str(path), nano, step=2)  # overwriting too
     assert os.listdir(tmp_path) == ["m.safetensors"]
-    assert wyrd.load(str(path))[2] == {"step": 2}
+    assert checkpoint.load(str(path))[2] == {"step": 2}
 
 
 def test_failed_write_keeps_the_previous_file(nano, tmp_path, monkeypatch):
     path = tmp_path / "m.safetensors"
-    wyrd.save(str(path), nano, step=1)
+    checkpoint.save(str(path), nano, step=1)
     before = path.read_bytes()
     calls = []
 
@@ -558,7 +608,7 @@ def test_failed_write_keeps_the_previous_file(nano, tmp_path, monkeypatch):
         return memoryview(obj)
     monkeypatch.setattr(tensorfile, "memoryview", failing_memoryview, raising=False)
     with pytest.raises(OSError, match="No space"):
-        wyrd.save(str(path), nano, step=2)
+        checkpoint.save(str(path), nano, step=2)
     assert len(calls) == 3  # it did fail midway through the data
     monkeypatch.undo()
     assert path.read_bytes() == before
@@ -568,19 +618,19 @@ def test_failed_write_keeps_the_previous_file(nano, tmp_path, monkeypatch):
         raise OSError(5, "Input/output error")
     monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="Input/output"):
-        wyrd.save(str(path), nano, step=3)
+        checkpoint.save(str(path), nano, step=3)
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["m.safetensors"]
-    assert wyrd.load(str(path))[2] == {"step": 1}
+    assert checkpoint.load(str(path))[2] == {"step": 1}
 
 
 def test_write_rejects_unstorable_values(tmp_path):
     path = tmp_path / "x.safetensors"
     with pytest.raises(CheckpointError, match="dtype"):
-        wyrd.write_safetensors(str(path), {"a": np.zeros(2, dtype=bool)})
+        tensorfile.write_safetensors(str(path), {"a": np.zeros(2, dtype=bool)})
     with pytest.raises(CheckpointError, match="metadata"):
-        wyrd.write_safetensors(str(path), {"a": np.zeros(2, np.float32)}, {"step": 3})
+        tensorfile.write_safetensors(str(path), {"a": np.zeros(2, np.float32)}, {"step": 3})
     assert os.listdir(tmp_path) == []
 
 
@@ -636,7 +686,7 @@ def test_config_validation_messages():
         ChimeraConfig(d_model=65, n_heads=4, n_kv_heads=2)
     with pytest.raises(ValueError, match="n_heads 6 is not divisible by n_kv_heads 4"):
         ChimeraConfig(d_model=96, n_heads=6, n_kv_heads=4)
-    with pytest.raises(ValueError, match="n_layers must be a positive integer"):
+    with pytest.raises(ValueError, match=r"n_layers must be an integer in \[1, 1,024\]"):
         ChimeraConfig(n_layers=0)
     with pytest.raises(ValueError, match="unknown config field"):
         ChimeraConfig.from_dict({"d_model": 64, "n_heads": 4, "dropout": 0.1})
@@ -685,7 +735,7 @@ def tok():
 
 def bf16_nearest_even(x):
     """The bfloat16 nearest to each float32, ties to the even mantissa, chosen by comparing
-    distances in float64 (independent of wyrd.bf16_bits' add-and-truncate) -> uint16 bits."""
+    distances in float64 (independent of tensorfile.bf16_bits' add-and-truncate) -> uint16 bits."""
     bits = np.asarray(x, np.float32).view(np.uint32)
     down = bits & np.uint32(0xFFFF0000)                  # toward zero
     up = down + np.uint32(0x10000)                       # the next bfloat16 away from zero
@@ -703,34 +753,34 @@ def test_bf16_rounding_is_nearest_even():
     ties = ((rng.integers(0, 0x7F00, 2000).astype(np.uint32) << 16) | 0x8000).view(np.float32)  # exactly halfway
     ties = np.concatenate([ties, -ties])
     for x in (values, ties):
-        assert np.array_equal(wyrd.bf16_bits(x), bf16_nearest_even(x))
-    assert (((wyrd.bf16_bits(ties[:2000]) & 1) == 0)).all()               # halfway goes to even
-    back = (wyrd.bf16_bits(np.array([np.nan, -np.nan, np.inf, -np.inf], np.float32)).astype(np.uint32) << 16)
+        assert np.array_equal(tensorfile.bf16_bits(x), bf16_nearest_even(x))
+    assert (((tensorfile.bf16_bits(ties[:2000]) & 1) == 0)).all()               # halfway goes to even
+    back = (tensorfile.bf16_bits(np.array([np.nan, -np.nan, np.inf, -np.inf], np.float32)).astype(np.uint32) << 16)
     back = back.view(np.float32)
     assert np.isnan(back[:2]).all() and list(back[2:]) == [np.inf, -np.inf]
 
 
 def test_save_bf16_halves_the_file_and_loads_as_float32(nano, tok, tmp_path):
     f32, bf16 = tmp_path / "f32.safetensors", tmp_path / "bf16.safetensors"
-    wyrd.save(str(f32), nano, tok)
-    wyrd.save(str(bf16), nano, tok, dtype="bf16")
+    checkpoint.save(str(f32), nano, tok)
+    checkpoint.save(str(bf16), nano, tok, dtype="bf16")
     header, data, _ = parse(bf16.read_bytes())
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
     weights = sum(p.size for p in nano.parameters())
     assert len(parse(f32.read_bytes())[1]) == 4 * weights and len(data) == 2 * weights
-    model, tok2, _ = wyrd.load(str(bf16))
+    model, tok2, _ = checkpoint.load(str(bf16))
     assert tok2.to_json() == tok.to_json()
     for name, p in model.named_parameters():
         expected = (bf16_nearest_even(nano.state_dict()[name]).astype(np.uint32) << 16).view(np.float32)
         assert p.dtype == np.float32 and np.array_equal(p.data, expected), name
     with pytest.raises(ValueError, match="dtype must be 'f32', 'bf16' or 'int8'"):
-        wyrd.save(str(tmp_path / "x.safetensors"), nano, tok, dtype="f16")
+        checkpoint.save(str(tmp_path / "x.safetensors"), nano, tok, dtype="f16")
 
 
 def test_a_bf16_file_opens_in_safetensors(nano, tok, tmp_path):
     safetensors = pytest.importorskip("safetensors")  # only this cross-check needs it
     path = tmp_path / "bf16.safetensors"
-    wyrd.save(str(path), nano, tok, dtype="bf16")
+    checkpoint.save(str(path), nano, tok, dtype="bf16")
     with safetensors.safe_open(str(path), framework="numpy") as f:
         assert set(f.keys()) == set(nano.state_dict())
         for name, arr in nano.state_dict().items():

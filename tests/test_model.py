@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from autograd import Tensor, gradcheck
+from autograd import gradcheck
 from wyrd import PRESETS, Chimera, LocalAttention, RGLRU, get_config
 
 NANO = PRESETS["nano"]
@@ -191,12 +191,12 @@ def test_bad_inputs_are_clear_errors():
 def test_projections_that_read_one_input_share_a_buffer_through_load_and_training(tmp_path):
     """q/k/v, the RG-LRU's three projections and w1/w3 are rows of one buffer, so their
     product needs no copy; load and the optimizer write into them in place."""
+    import checkpoint
     import train
-    import wyrd
     from autograd import stacked_rows
     m = Chimera(NANO)
-    wyrd.save(tmp_path / "m.safetensors", m)
-    loaded = wyrd.load(tmp_path / "m.safetensors")[0]
+    checkpoint.save(tmp_path / "m.safetensors", m)
+    loaded = checkpoint.load(tmp_path / "m.safetensors")[0]
     opt = train.AdamW(loaded.named_parameters())
     ids = np.random.default_rng(0).integers(0, NANO.vocab_size, (2, 9))
     loaded.loss(ids[:, :-1], ids[:, 1:]).backward()

@@ -14,6 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import quant  # noqa: E402
 import wyrd  # noqa: E402
+import tensorfile  # noqa: E402
+import checkpoint  # noqa: E402
 from autograd import no_grad  # noqa: E402
 from quant import GROUP, Int8Linear, dequantize_kernel, matvec_kernel, quantize_rows, quantize_x16  # noqa: E402
 from wyrd import Chimera, ChimeraConfig  # noqa: E402
@@ -209,7 +211,7 @@ def rel_error(a, b):
 def test_int8_logits_are_close_to_float32(nano):
     """Stated tolerance: logits within 2% (relative RMS) of float32's. The per-weight error
     is at most 0.4% of its group's largest weight, and errors partly cancel in each sum."""
-    qm = wyrd.quantize(nano)
+    qm = quant.quantize(nano)
     assert qm.quantized == "int8" and nano.quantized is None
     ids = np.random.default_rng(1).integers(0, nano.config.vocab_size, (2, 50))
     with no_grad():
@@ -226,7 +228,7 @@ def test_int8_chunked_prefill_equals_one_token_steps(nano):
     """A prompt chunk of 30 (BLAS on dequantised blocks) and 30 one-token steps (the
     kernel, on int16-rounded activations) give the same logits and state to that
     rounding: measured 6e-5 of the largest logit."""
-    qm = wyrd.quantize(nano)
+    qm = quant.quantize(nano)
     ids = np.random.default_rng(2).integers(0, nano.config.vocab_size, (2, 30))
     chunk_state, step_state = qm.init_state(2), qm.init_state(2)
     chunked = qm.step(ids, chunk_state)
@@ -243,7 +245,7 @@ def test_int8_chunked_prefill_equals_one_token_steps(nano):
 def test_matrices_reading_one_input_are_one_product(nano):
     """q/k/v, the RG-LRU's three input projections and w1/w3 are each one int8 matrix:
     one product per input, whose columns equal each part's own product."""
-    qm = wyrd.quantize(nano)
+    qm = quant.quantize(nano)
     rng = np.random.default_rng(3)
     for owner, names in [(qm.layers[0].temporal_mix, ("input_proj", "input_gate_proj", "recurrence_gate_proj")),
                          (qm.layers[2].temporal_mix, ("q_proj", "k_proj", "v_proj")), (qm.layers[1].ffn, ("w1", "w3"))]:
@@ -269,7 +271,7 @@ def test_untied_head_is_quantised_too(tmp_path):
     cfg = ChimeraConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, sliding_window=4,
                         max_seq_len=32, attention_every_n=2, tie_word_embeddings=False)
     m = Chimera(cfg, seed=5, init="reference")
-    qm = wyrd.quantize(m)
+    qm = quant.quantize(m)
     assert isinstance(qm.lm_head, Int8Linear)
     assert np.array_equal(qm.lm_head.q, quantize_rows(m.lm_head.weight.data)[0])
     ids = np.arange(12).reshape(1, 12)
@@ -280,10 +282,10 @@ def test_untied_head_is_quantised_too(tmp_path):
 def test_load_int8_equals_quantize_from_f32_and_bf16_files(nano, tmp_path):
     for dtype in ("f32", "bf16"):
         path = tmp_path / f"{dtype}.safetensors"
-        wyrd.save(str(path), nano, dtype=dtype)
-        loaded, _, _ = wyrd.load(str(path), quantize="int8")
-        source = wyrd.load(str(path))[0]  # the weights as the file holds them
-        expected = wyrd.quantize(source)
+        checkpoint.save(str(path), nano, dtype=dtype)
+        loaded, _, _ = checkpoint.load(str(path), quantize="int8")
+        source = checkpoint.load(str(path))[0]  # the weights as the file holds them
+        expected = quant.quantize(source)
         for get in (lambda m: m.layers[0].ffn.w2, lambda m: m.layers[2].temporal_mix.q_proj,
                     lambda m: m.embed_tokens.table):
             assert np.array_equal(get(loaded).q, get(expected).q) and np.array_equal(get(loaded).scale,
@@ -294,12 +296,12 @@ def test_load_int8_equals_quantize_from_f32_and_bf16_files(nano, tmp_path):
         for (name, p), (_, p2) in zip(loaded.named_parameters(), expected.named_parameters()):
             assert np.array_equal(p.data, p2.data), name
     with pytest.raises(ValueError, match="quantize must be None or 'int8'"):
-        wyrd.load(str(path), quantize="int4")
+        checkpoint.load(str(path), quantize="int4")
 
 
 def test_int8_models_refuse_to_train_or_be_saved(nano, tmp_path):
     import train
-    qm = wyrd.quantize(nano)
+    qm = quant.quantize(nano)
     ids = np.arange(20).reshape(1, 20)
     with pytest.raises(RuntimeError, match="int8 weights, for inference only"):
         qm.loss(ids[:, :-1], ids[:, 1:])  # a forward that would record a graph
@@ -308,10 +310,10 @@ def test_int8_models_refuse_to_train_or_be_saved(nano, tmp_path):
     with pytest.raises(ValueError, match="int8 weights, for inference only"):
         train.train(qm, None, [], [], train.PRETRAIN, str(tmp_path / "x.safetensors"), "pretrain", "k")
     with pytest.raises(ValueError, match="this model is already int8"):
-        wyrd.quantize(qm)
+        quant.quantize(qm)
     for dtype in ("f32", "bf16"):
         with pytest.raises(ValueError, match="this model has int8 weights: save it with dtype='int8'"):
-            wyrd.save(str(tmp_path / "x.safetensors"), qm, dtype=dtype)
+            checkpoint.save(str(tmp_path / "x.safetensors"), qm, dtype=dtype)
     assert not os.listdir(tmp_path)
 
 
@@ -322,16 +324,16 @@ def test_load_int8_never_holds_the_float_model(tmp_path):
     cfg = ChimeraConfig(vocab_size=8192, d_model=512, n_layers=6, n_heads=8, n_kv_heads=2,
                         sliding_window=64, max_seq_len=256)
     path = tmp_path / "m.safetensors"
-    wyrd.save(str(path), Chimera(cfg, seed=0, init="reference"))
+    checkpoint.save(str(path), Chimera(cfg, seed=0, init="reference"))
     size = os.path.getsize(path)
     code = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        import wyrd
+        import checkpoint
         def peak():  # VmHWM, not ru_maxrss: a child starts with its parent's ru_maxrss
             return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
         before = peak()
-        model = wyrd.load({str(path)!r}, quantize=sys.argv[1] or None)[0]
+        model = checkpoint.load({str(path)!r}, quantize=sys.argv[1] or None)[0]
         print(peak() - before)
     """)
     added = {q: int(subprocess.run([sys.executable, "-c", code, q], capture_output=True, text=True,
@@ -353,14 +355,14 @@ def untied_model():
 @pytest.mark.parametrize("tied", [True, False])
 def test_an_int8_file_loads_the_model_quantize_makes(nano, tied, tmp_path):
     model = nano if tied else untied_model()
-    qm = wyrd.quantize(model)
+    qm = quant.quantize(model)
     a, b = tmp_path / "from_float.safetensors", tmp_path / "from_int8.safetensors"
-    wyrd.save(str(a), model, dtype="int8")       # quantised as it is saved
-    wyrd.save(str(b), qm, dtype="int8")
+    checkpoint.save(str(a), model, dtype="int8")       # quantised as it is saved
+    checkpoint.save(str(b), qm, dtype="int8")
     assert a.read_bytes() == b.read_bytes()
-    loaded, _, _ = wyrd.load(str(a), quantize="int8")
+    loaded, _, _ = checkpoint.load(str(a), quantize="int8")
     assert loaded.quantized == "int8"
-    for (name, m), (_, m2) in zip(wyrd._int8_named_matrices(loaded), wyrd._int8_named_matrices(qm)):
+    for (name, m), (_, m2) in zip(quant.int8_named_matrices(loaded), quant.int8_named_matrices(qm)):
         assert np.array_equal(m.q, m2.q) and np.array_equal(m.scale, m2.scale), name
         assert (m.bias is None) == (m2.bias is None) and (m.bias is None or np.array_equal(m.bias, m2.bias)), name
     for (name, p), (_, p2) in zip(loaded.named_parameters(), qm.named_parameters()):
@@ -376,11 +378,11 @@ def test_an_int8_file_loads_the_model_quantize_makes(nano, tied, tmp_path):
 
 def test_an_int8_file_stores_int8_rows_and_float32_scales(nano, tmp_path):
     path = tmp_path / "int8.safetensors"
-    wyrd.save(str(path), nano, dtype="int8")
-    tensors, meta = wyrd.read_safetensors(str(path))
+    checkpoint.save(str(path), nano, dtype="int8")
+    tensors, meta = tensorfile.read_safetensors(str(path))
     assert json.loads(meta["quantization"]) == {"method": "int8", "group": 64}
     params = nano.state_dict()
-    matrices = {name for name, _ in wyrd._int8_named_matrices(nano)}
+    matrices = {name for name, _ in quant.int8_named_matrices(nano)}
     assert "embed_tokens" in matrices and "layers.0.temporal_mix.input_gate_proj" in matrices
     assert set(tensors) == set(params) | {m + ".weight_scale" for m in matrices}
     for name, arr in tensors.items():
@@ -403,15 +405,15 @@ def test_an_int8_file_stores_int8_rows_and_float32_scales(nano, tmp_path):
 
 def rewrite(src, dst, change):
     """A copy of the safetensors file src with change(tensors, metadata) applied."""
-    tensors, meta = wyrd.read_safetensors(str(src))
+    tensors, meta = tensorfile.read_safetensors(str(src))
     change(tensors, meta)
-    wyrd.write_safetensors(str(dst), tensors, meta)
+    tensorfile.write_safetensors(str(dst), tensors, meta)
     return str(dst)
 
 
 def test_a_bad_int8_file_is_refused_in_one_line(nano, tmp_path):
     good = tmp_path / "good.safetensors"
-    wyrd.save(str(good), nano, dtype="int8")
+    checkpoint.save(str(good), nano, dtype="int8")
     scale = "layers.1.ffn.w2.weight_scale"
 
     def group32(t, m):
@@ -452,17 +454,17 @@ def test_a_bad_int8_file_is_refused_in_one_line(nano, tmp_path):
              (negative_scale, f"{scale} holds negative scales")]
     for change, says in cases:
         path = rewrite(good, tmp_path / f"{change.__name__}.safetensors", change)
-        with pytest.raises(wyrd.CheckpointError) as e:
-            wyrd.load(path, quantize="int8")
+        with pytest.raises(checkpoint.CheckpointError) as e:
+            checkpoint.load(path, quantize="int8")
         assert says in str(e.value) and "\n" not in str(e.value), (change.__name__, str(e.value))
-    with pytest.raises(wyrd.CheckpointError, match="holds int8 weights, which only decode: load it with "
+    with pytest.raises(checkpoint.CheckpointError, match="holds int8 weights, which only decode: load it with "
                                                    "quantize='int8' \\(chat.py --quantize int8\\)"):
-        wyrd.load(str(good))                     # training or float32 decoding would need the float file
+        checkpoint.load(str(good))                     # training or float32 decoding would need the float file
     data = good.read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[:-1000])                 # a copy cut short
-    with pytest.raises(wyrd.CheckpointError, match="fall outside the .*data section \\(file truncated\\?\\)"):
-        wyrd.load(str(cut), quantize="int8")
+    with pytest.raises(checkpoint.CheckpointError, match="fall outside the .*data section \\(file truncated\\?\\)"):
+        checkpoint.load(str(cut), quantize="int8")
 
 
 def test_an_int8_file_gives_its_tokenizer_to_training_but_not_its_weights(nano, tmp_path):
@@ -470,17 +472,17 @@ def test_an_int8_file_gives_its_tokenizer_to_training_but_not_its_weights(nano, 
     from tokenizer import Tokenizer
     tok = Tokenizer.train(["Once upon a time there was a dog."] * 4, vocab_size=300)
     path = str(tmp_path / "int8.safetensors")
-    wyrd.save(path, nano, tok, dtype="int8")
+    checkpoint.save(path, nano, tok, dtype="int8")
     assert train.load_tokenizer(path).to_json() == tok.to_json()   # --tokenizer reads only the header
-    with pytest.raises(wyrd.CheckpointError, match="holds int8 weights.*to train, use the float checkpoint"):
-        wyrd.load(path)
+    with pytest.raises(checkpoint.CheckpointError, match="holds int8 weights.*to train, use the float checkpoint"):
+        checkpoint.load(path)
 
 
 def test_an_int8_file_opens_in_safetensors(nano, tmp_path):
     safetensors = pytest.importorskip("safetensors")  # only this cross-check needs it
     path = tmp_path / "int8.safetensors"
-    wyrd.save(str(path), nano, dtype="int8")
-    ours, _ = wyrd.read_safetensors(str(path))
+    checkpoint.save(str(path), nano, dtype="int8")
+    ours, _ = tensorfile.read_safetensors(str(path))
     with safetensors.safe_open(str(path), framework="numpy") as f:
         assert set(f.keys()) == set(ours)
         for name in f.keys():
@@ -519,7 +521,7 @@ def test_embed_and_head_token_match_numpy():
 
 
 def test_int8_one_token_step_rejects_bad_ids(nano):
-    qm = wyrd.quantize(nano)
+    qm = quant.quantize(nano)
     for ids, says in (([[-1]], "must lie in"), ([[512]], "must lie in"), ([[1.0]], "integer array")):
         with pytest.raises(ValueError, match=says):
             qm.step(np.array(ids), qm.init_state(1))
@@ -620,7 +622,7 @@ def assert_steps_match_the_general_path(qm, ids, prompt):
 def test_int8_one_token_steps_equal_the_general_path(nano, B):
     """After a 20-token prompt (a chunk, longer than the 16-token window), 40 steps,
     as the ring wraps."""
-    qm = wyrd.quantize(nano)
+    qm = quant.quantize(nano)
     calls = []
     real = quant.ffn_token
     quant.ffn_token = lambda *a: calls.append(1) or real(*a)
@@ -636,8 +638,8 @@ def test_int8_steps_with_an_untied_head_after_load_and_after_load_state_dict(nan
     its own, and again when load_state_dict changes the weights (c log a is cached)."""
     cfg = ChimeraConfig(vocab_size=40, d_model=16, n_layers=3, n_heads=2, n_kv_heads=1, sliding_window=4,
                         max_seq_len=32, tie_word_embeddings=False)
-    wyrd.save(str(tmp_path / "m.safetensors"), Chimera(cfg, seed=5, init="reference"))
-    qm = wyrd.load(str(tmp_path / "m.safetensors"), quantize="int8")[0]
+    checkpoint.save(str(tmp_path / "m.safetensors"), Chimera(cfg, seed=5, init="reference"))
+    qm = checkpoint.load(str(tmp_path / "m.safetensors"), quantize="int8")[0]
     ids = np.random.default_rng(0).integers(0, 40, (2, 14))
     assert_steps_match_the_general_path(qm, ids, 5)
     state = qm.state_dict()
@@ -648,7 +650,7 @@ def test_int8_steps_with_an_untied_head_after_load_and_after_load_state_dict(nan
 
 def test_a_step_refuses_ids_for_another_batch(nano):
     """One row per sequence of the state: the int8 kernels would write past h."""
-    for model in (nano, wyrd.quantize(nano)):
+    for model in (nano, quant.quantize(nano)):
         for ids, batch in (([[1], [2]], 1), ([[1]], 2), ([[1, 2, 3]], 3)):
             with pytest.raises(ValueError, match=f"rows but the state holds {batch} sequences"):
                 model.step(np.array(ids), model.init_state(batch))

@@ -1,5 +1,7 @@
 """Training: AdamW, the schedule, clipping, checkpoints, exact resume, the CLI and short real runs (nano)."""
 import wyrd  # first: autograd sets the BLAS/OpenMP thread policy before NumPy loads
+import tensorfile
+import checkpoint
 
 import json
 import math
@@ -141,10 +143,10 @@ def test_pretrain_then_finetune_lowers_the_loss_and_writes_clean_checkpoints(tmp
     assert 0.2 < result["val_loss"] / result["val_bits_per_byte"] / math.log(2) < 8   # bytes per token
     assert [r["step"] for r in log if "val_loss" in r] == [10, 20, 30]
     # the model file is a pure spec checkpoint; the optimizer lives beside it
-    tensors, metadata = wyrd.read_safetensors(out)
+    tensors, metadata = tensorfile.read_safetensors(out)
     assert set(tensors) == {n for n, _ in model.named_parameters()}
     assert json.loads(metadata["meta"])["step"] == 30 and "tokenizer" in metadata
-    moments, _ = wyrd.read_safetensors(train.state_path_of(out))
+    moments, _ = tensorfile.read_safetensors(train.state_path_of(out))
     assert set(moments) == {p + n for n in tensors for p in ("m.", "v.")}
 
     ft_out = str(tmp_path / "chat.safetensors")
@@ -153,7 +155,7 @@ def test_pretrain_then_finetune_lowers_the_loss_and_writes_clean_checkpoints(tmp
     flog = [r for r in log_of(ft_out) if not r.get("final")]
     assert [r["phase"] for r in flog] == ["finetune"] * 12   # its own log, not the pretrain one
     assert np.mean([r["loss"] for r in flog[-3:]]) < np.mean([r["loss"] for r in flog[:3]])
-    loaded, loaded_tok, meta = wyrd.load(ft_out)
+    loaded, loaded_tok, meta = checkpoint.load(ft_out)
     assert loaded_tok.to_json() == tok.to_json() and meta["pretrain"]["val_loss"] == result["val_loss"]
     assert meta["finetune"]["val_loss"] == r2["val_loss"] and math.isfinite(r2["val_loss"])
     for n, p in loaded.named_parameters():
@@ -183,15 +185,15 @@ def test_resume_after_a_kill_is_bit_identical(tmp_path, tok, monkeypatch):
     with pytest.raises(RuntimeError, match="killed"):
         train.pretrain(["builtin:150"], out, "nano", cfg=TINY, tok=tok)
     monkeypatch.undo()
-    assert json.loads(wyrd.read_safetensors(out)[1]["meta"])["step"] == 4   # the last checkpoint
+    assert json.loads(tensorfile.read_safetensors(out)[1]["meta"])["step"] == 4   # the last checkpoint
     assert [r["step"] for r in log_of(out)] == [1, 2, 3, 4]
 
     model, _, result = train.pretrain(["builtin:150"], out, "nano", cfg=TINY, resume=True)
     assert losses(out) == losses(ref)           # every loss, bit for bit, and the same log
     for (n, p), (_, q) in zip(model.named_parameters(), ref_model.named_parameters()):
         assert np.array_equal(p.data, q.data), n
-    m_ref, _ = wyrd.read_safetensors(train.state_path_of(ref))
-    m_run, _ = wyrd.read_safetensors(train.state_path_of(out))
+    m_ref, _ = tensorfile.read_safetensors(train.state_path_of(ref))
+    m_run, _ = tensorfile.read_safetensors(train.state_path_of(out))
     assert all(np.array_equal(m_ref[k], m_run[k]) for k in m_ref)
 
 
@@ -213,7 +215,7 @@ def test_ctrl_c_saves_then_resume_continues_exactly(tmp_path, tok, monkeypatch, 
     monkeypatch.undo()
     assert result["interrupted"] and result["step"] == 3
     assert "--resume" in capsys.readouterr().out
-    assert json.loads(wyrd.read_safetensors(out)[1]["meta"])["step"] == 3
+    assert json.loads(tensorfile.read_safetensors(out)[1]["meta"])["step"] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # restored
 
     assert train.main(["pretrain", "--data", "builtin:150", "--preset", "nano", "--out", out, "--resume"]) == 0
@@ -242,7 +244,7 @@ def test_default_run_resumes_in_the_finetune_phase(tmp_path, tok, monkeypatch):
     with pytest.raises(RuntimeError):
         train.run_default(out, **kw)
     monkeypatch.setattr(train.AdamW, "step", original)
-    assert json.loads(wyrd.read_safetensors(out)[1]["meta"])["phase"] == "finetune"
+    assert json.loads(tensorfile.read_safetensors(out)[1]["meta"])["phase"] == "finetune"
     again = train.run_default(out, resume=True, **kw)
     assert losses(out) == losses(ref)
     assert [r["phase"] for r in log_of(out)].count("pretrain") == 5   # 4 steps + the final record
@@ -268,7 +270,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tok, monkey
     assert code == 1
     err = capsys.readouterr().err
     assert "step 3: the loss is nan" in err and out in err
-    meta = json.loads(wyrd.read_safetensors(out)[1]["meta"])
+    meta = json.loads(tensorfile.read_safetensors(out)[1]["meta"])
     assert meta["step"] == 2
 
 
@@ -410,7 +412,7 @@ def test_wyrd_init_leaves_the_unigram_plateau_within_40_steps(tmp_path, tok):
 
 KILLABLE = """
 import os, sys
-import wyrd, train
+import tensorfile, train
 where, n = sys.argv[1], int(sys.argv[2])
 calls = []
 def die_at(original, match):
@@ -422,7 +424,7 @@ def die_at(original, match):
         return original(path, *a, **k)
     return patched
 if where == "write":                            # before the n-th safetensors write (state or model)
-    wyrd.write_safetensors = die_at(wyrd.write_safetensors, lambda p: True)
+    tensorfile.write_safetensors = die_at(tensorfile.write_safetensors, lambda p: True)
 elif where == "remove":                         # before the n-th removal of the set-aside train state
     os.remove = die_at(os.remove, lambda p: str(p).endswith(".train.prev.safetensors"))
 sys.exit(train.main(sys.argv[3:]))
@@ -448,7 +450,7 @@ def kill_flags(tmp_path, tok, out, steps=6):
 
 
 def final_weights(out):
-    return wyrd.read_safetensors(out)[0]
+    return tensorfile.read_safetensors(out)[0]
 
 
 @pytest.mark.parametrize("where, n, resumes_from", [
@@ -462,7 +464,7 @@ def test_a_kill_inside_a_checkpoint_save_leaves_a_run_that_resumes_exactly(tmp_p
     out = str(tmp_path / "run.safetensors")
     killed = run_killable(tmp_path, where, n, kill_flags(tmp_path, tok, out))
     assert killed.returncode == 9, killed.stderr
-    assert json.loads(wyrd.read_safetensors(out)[1]["meta"])["step"] == resumes_from
+    assert json.loads(tensorfile.read_safetensors(out)[1]["meta"])["step"] == resumes_from
     assert train.main(kill_flags(tmp_path, tok, out) + ["--resume"]) == 0
     assert losses(out) == losses(ref)
     assert not os.path.exists(train.prev_state_path_of(out))
@@ -495,7 +497,7 @@ def test_random_sigkills_during_training_always_leave_a_resumable_run(tmp_path, 
             break
         kills += 1
     assert kills >= 3
-    if json.loads(wyrd.read_safetensors(out)[1]["meta"]).get("step") != steps:
+    if json.loads(tensorfile.read_safetensors(out)[1]["meta"]).get("step") != steps:
         assert train.main(kill_flags(tmp_path, tok, out, steps) + ["--resume"]) == 0
     assert [r for r in losses(out)] == losses(ref)
     a, b = final_weights(out), final_weights(ref)
@@ -523,7 +525,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_good_run(tmp_p
                           capture_output=True, text=True, timeout=300)
     assert full.returncode == 2, full.stderr
     assert full.stderr.count("\n") == 1 and "File too large" in full.stderr and "Traceback" not in full.stderr
-    assert json.loads(wyrd.read_safetensors(out)[1]["meta"])["step"] == 3
+    assert json.loads(tensorfile.read_safetensors(out)[1]["meta"])["step"] == 3
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]   # no half-written file left behind
     assert train.main(kill_flags(tmp_path, tok, out) + ["--resume"]) == 0
     assert losses(out)[3:] == losses(ref)[3:]   # (the first run ended at step 3: its last record differs)

@@ -4,6 +4,8 @@ training states, too little memory, Ctrl-C while loading, a full disk. Each is o
 naming a file or flag, exit code 2 (130 for Ctrl-C), no traceback, nothing of the user's
 replaced, and a command that works from there."""
 import wyrd  # first: autograd sets the BLAS/OpenMP thread policy before NumPy loads
+import tensorfile
+import checkpoint
 
 import json
 import os
@@ -130,9 +132,9 @@ def test_links_and_pipes_at_a_runs_paths_are_never_replaced_nor_read(tmp_path, c
 
 def test_overwrite_never_replaces_a_model_that_no_run_wrote(tmp_path, base, capsys):
     """A Wyrd model saved outside training (no step in its meta: a converted or exported one)."""
-    model, tok, _ = wyrd.load(base)
+    model, tok, _ = checkpoint.load(base)
     out = tmp_path / "exported.safetensors"
-    wyrd.save(str(out), model, tok)
+    checkpoint.save(str(out), model, tok)
     before = out.read_bytes()
     code, err = run(capsys, pretrain(out, "--overwrite"))
     assert code == 2 and one_line_error(err) and "not a Wyrd checkpoint" in err, err
@@ -388,13 +390,13 @@ def test_an_edited_training_state_is_one_line_naming_the_file(tmp_path, capsys):
     out = tmp_path / "r.safetensors"
     assert run(capsys, pretrain(out))[0] == 0
     path = train.state_path_of(str(out))
-    tensors, metadata = wyrd.read_safetensors(path)
+    tensors, metadata = tensorfile.read_safetensors(path)
     for name, (state, says) in _edits(json.loads(metadata["wyrd_train_state"])).items():
         text = state if isinstance(state, str) else json.dumps(state)
-        wyrd.write_safetensors(path, tensors, {"wyrd_train_state": text})
+        tensorfile.write_safetensors(path, tensors, {"wyrd_train_state": text})
         code, err = run(capsys, pretrain(out, "--resume"))
         assert code == 2 and one_line_error(err) and f"{path}: " in err and says in err, (name, err)
-    wyrd.write_safetensors(path, tensors, metadata)
+    tensorfile.write_safetensors(path, tensors, metadata)
     assert run(capsys, pretrain(out, "--resume"))[0] == 0
 
 
@@ -408,7 +410,7 @@ def test_a_missing_or_broken_model_on_resume_is_reported_as_such(tmp_path, capsy
     out.write_bytes(b"garbage")
     code, err = run(capsys, pretrain(out, "--resume"))
     assert code == 2 and one_line_error(err) and "not a safetensors file" in err, err
-    wyrd.write_safetensors(str(out), {}, {"format": "wyrd", "meta": "[1]"})
+    tensorfile.write_safetensors(str(out), {}, {"format": "wyrd", "meta": "[1]"})
     code, err = run(capsys, pretrain(out, "--resume"))
     assert code == 2 and one_line_error(err) and "__metadata__['meta']" in err, err
     out.write_bytes(good)
