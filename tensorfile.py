@@ -24,7 +24,9 @@ DTYPES = {"F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2")
 DTYPE_NAMES = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16",
                np.dtype("<i8"): "I64", np.dtype("<i4"): "I32", np.dtype("<u2"): "U16", np.dtype("u1"): "U8",
                np.dtype("i1"): "I8"}
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 32 << 20   # a header's bytes: a Chimera's names and shapes, its config and a tokenizer
+                        # of 2**21 tokens fit; parsing one costs ~15x its size
+MAX_TENSORS = 1 << 16   # a 1,024-layer Chimera has ~10,000
 
 
 def bf16_bits(x):
@@ -98,10 +100,15 @@ class SafetensorsFile:
             if head[:2] == b"PK" or head[:1] == b"\x80":  # zip or pickle magic, not a plausible length
                 raise bad("this is a PyTorch .pt/.bin checkpoint (zip or pickle), not safetensors; "
                           "Wyrd never unpickles. Convert it with safetensors.torch.save_file")
+            if n <= size - 8:
+                raise bad(f"header of {n:,} bytes; expected at most {MAX_HEADER:,}")
             raise bad(f"not a safetensors file or truncated: header length {n} exceeds the file's {size - 8} bytes")
+        raw = f.read(n)
+        if raw.count(b'"data_offsets"') > MAX_TENSORS:  # counted before parsing: each would cost ~1 KB
+            raise bad(f"corrupted header: more than {MAX_TENSORS:,} tensors")
         try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
+            header = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a 4,300-digit integer; nested too deep
             raise bad(f"corrupted header: not valid JSON ({e})") from None
         if not isinstance(header, dict):
             raise bad("corrupted header: expected a JSON object")

@@ -50,6 +50,7 @@ from runtime import atomic_write
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOT, IM_START, IM_END = SPECIAL_TOKENS
+MAX_VOCAB = 1 << 21
 DEFAULT_SYSTEM = "You are Wyrd, a helpful AI assistant."
 ROLES = ("system", "user", "assistant")
 
@@ -344,7 +345,7 @@ class Tokenizer:
     def from_json(cls, text, source="tokenizer JSON"):
         try:
             doc = json.loads(text)
-        except (json.JSONDecodeError, TypeError, RecursionError) as e:
+        except (ValueError, TypeError, RecursionError) as e:  # ValueError: an integer over 4,300 digits too
             raise TokenizerError(f"{source}: not valid JSON ({e})") from None
         return cls(*_parse_tokenizer_json(doc, source))
 
@@ -505,6 +506,8 @@ def _parse_tokenizer_json(doc, source):
     vocab_json = model.get("vocab")
     if not isinstance(vocab_json, dict):
         fail("model.vocab", "an object mapping token -> id", vocab_json)
+    if len(vocab_json) > MAX_VOCAB:  # as many as a model may have (wyrd.LIMITS)
+        fail("model.vocab", f"at most {MAX_VOCAB:,} tokens", len(vocab_json))
     id_to_bytes = {}
     for tok, i in vocab_json.items():
         if not isinstance(i, int) or isinstance(i, bool) or i < 0:
@@ -524,6 +527,8 @@ def _parse_tokenizer_json(doc, source):
             fail(f"added_tokens[{k}]", "an object with integer 'id' and string 'content'", t)
         if t.get("special") is not True:
             fail(f"added_tokens[{k}].special", "true (only special added tokens are supported)", t.get("special"))
+        if not t["content"] or _SURROGATE.search(t["content"]):
+            fail(f"added_tokens[{k}].content", "a non-empty string of valid Unicode", t["content"])
         if t["content"] in special_ids:
             fail(f"added_tokens[{k}].content", "a unique special token", t["content"])
         special_ids[t["content"]] = t["id"]

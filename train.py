@@ -42,7 +42,7 @@ import tensorfile
 from autograd import FAST, LANES, N_PARTIAL, no_grad
 from data import DataError, Rows, load_tokens, tokenizer_texts
 from runtime import atomic_write, remove_stale_temps
-from tokenizer import Tokenizer, TokenizerError
+from tokenizer import EOT, SPECIAL_TOKENS, Tokenizer, TokenizerError
 
 # ----------------------------------------------------------------------------
 # Configuration
@@ -544,6 +544,14 @@ def load_tokenizer(path):
     return Tokenizer.load(path)
 
 
+def check_specials(tok, source, needed):
+    """Stories end in <|endoftext|>; conversations also need ChatML's two tokens."""
+    missing = [s for s in needed if s not in tok.special_ids]
+    if missing:
+        raise TokenizerError(f"{source}: the tokenizer has no {' or '.join(missing)} special token; Wyrd "
+                             f"trains with {', '.join(SPECIAL_TOKENS)} (leave out --tokenizer to train one)")
+
+
 def fit_seq_len(cfg, config):
     """The default sequence length, cut to what the model was built for (nano: 128)."""
     return replace(cfg, seq_len=min(cfg.seq_len, config.max_seq_len))
@@ -608,6 +616,14 @@ def pretrain(data, out, preset="micro", tokenizer=None, cfg=PRETRAIN, resume=Fal
         _check_seq_len(cfg, wyrd.get_config(preset))
         if tok is None and tokenizer:
             tok = load_tokenizer(tokenizer)
+            check_specials(tok, tokenizer, [EOT])
+            preset_config = wyrd.get_config(preset)
+            if tok.vocab_size > preset_config.vocab_size:  # the model takes the tokenizer's vocabulary
+                config = replace(preset_config, vocab_size=tok.vocab_size)
+                check_memory(cfg, config)
+                print(f"note: {tokenizer}: its {tok.vocab_size:,} tokens become {preset}'s vocabulary (the preset "
+                      f"has {preset_config.vocab_size:,}); training needs about "
+                      f"{memory_needed(cfg, config) / 1e9:,.1f} GB", file=sys.stderr)
         elif tok is None:  # the role names too, so ChatML headers stay short when fine-tuning
             tok = train_tokenizer(itertools.chain(tokenizer_texts(data), ["system user assistant"] * 100),
                                   wyrd.get_config(preset).vocab_size)
@@ -635,6 +651,7 @@ def finetune(data, init, out, cfg=FINETUNE, resume=False, lang="en", model=None,
         model, tok, meta = checkpoint.load(init)
         if tok is None:
             raise checkpoint.CheckpointError(f"{init}: this checkpoint holds no tokenizer")
+        check_specials(tok, init, SPECIAL_TOKENS)
     _check_seq_len(cfg, model.config)
     train_tokens, val_tokens, key = load_tokens(data, tok, out_dir, chat=True, lang=lang)
     rows = Rows.packed(train_tokens, cfg.seq_len, tok.eot_id)

@@ -526,6 +526,21 @@ def test_a_config_that_implies_more_weights_than_the_file_holds_is_refused_befor
     expect_error(path, "the config implies at least", "weights but the file holds")
 
 
+def test_a_header_too_large_or_of_too_many_tensors_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
+    import time
+    import tensorfile
+    many = {f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(tensorfile.MAX_TENSORS + 1)}
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(raw_file(many, b""))                # ~4.5 MB: 65,537 empty tensors
+    start = time.perf_counter()
+    expect_error(path, "more than 65,536 tensors")
+    assert time.perf_counter() - start < 1.0            # counted in the raw bytes, not parsed
+    monkeypatch.setattr(tensorfile, "MAX_HEADER", 1000)  # the real cap, 32 MB, as a 1 KB one
+    path = tmp_path / "long.safetensors"
+    path.write_bytes(raw_file({"__metadata__": {"note": "x" * 2000}}, b""))
+    expect_error(path, "bytes; expected at most 1,000")
+
+
 def test_integer_weights_infinite_offsets_and_rope_theta_are_refused(nano, tmp_path):
     config = {"config": json.dumps(nano.config.to_dict())}
     ints = {n: t.view(np.int32) for n, t in nano_tensors(nano).items()}   # F32 bytes labelled I32

@@ -351,6 +351,8 @@ def _broken(tok, edit):
     (lambda d: d.update(pre_tokenizer={"type": "Whitespace"}), "pre_tokenizer"),
     (lambda d: d["added_tokens"][0].update(special=False), "added_tokens[0].special"),
     (lambda d: d["model"]["merges"].reverse(), "model.merges[0]"),
+    (lambda d: d["added_tokens"][0].update(content=""), "added_tokens[0].content"),
+    (lambda d: d["added_tokens"][1].update(content="\ud800"), "added_tokens[1].content"),  # not Unicode
 ])
 def test_malformed_json_names_file_and_field(tok, tmp_path, edit, field):
     path = tmp_path / "bad.json"
@@ -358,6 +360,22 @@ def test_malformed_json_names_file_and_field(tok, tmp_path, edit, field):
     with pytest.raises(TokenizerError) as e:
         Tokenizer.load(path)
     assert str(path) in str(e.value) and repr(field) in str(e.value)
+
+
+def test_a_vocabulary_beyond_the_limit_is_refused_before_it_is_built(tok, tmp_path, monkeypatch):
+    import tokenizer
+    monkeypatch.setattr(tokenizer, "MAX_VOCAB", 300)   # the real limit, 2**21, would take a 60 MB file
+    path = tmp_path / "big.json"
+    path.write_text(tok.to_json(), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"big.json: field 'model.vocab': expected at most 300 tokens, got 397"):
+        Tokenizer.load(path)
+
+
+def test_an_integer_beyond_pythons_digit_limit_is_one_error_naming_the_file(tok, tmp_path):
+    path = tmp_path / "digits.json"
+    path.write_text(tok.to_json().replace('"id": 397', '"id": ' + "9" * 5000, 1), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"digits.json: not valid JSON"):
+        Tokenizer.load(path)
 
 
 def test_unreadable_files(tmp_path):

@@ -4,8 +4,6 @@ training states, too little memory, Ctrl-C while loading, a full disk. Each is o
 naming a file or flag, exit code 2 (130 for Ctrl-C), no traceback, nothing of the user's
 replaced, and a command that works from there."""
 import wyrd  # first: autograd sets the BLAS/OpenMP thread policy before NumPy loads
-import tensorfile
-import checkpoint
 
 import json
 import os
@@ -17,8 +15,10 @@ import time
 
 import pytest
 
+import checkpoint
 import data
 import runtime
+import tensorfile
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -473,3 +473,44 @@ def test_a_full_disk_while_logging_names_the_log(tmp_path, capsys):
                preexec_fn=_limited(os.path.getsize(log) + 40))
     assert proc.returncode == 2 and one_line_error(proc.stderr), proc.stderr
     assert proc.stderr.startswith(f"error: {log}: "), proc.stderr
+
+
+@pytest.mark.parametrize("edit", ["drop", "rename"])
+def test_a_tokenizer_without_the_tokens_a_phase_needs_is_one_line(tmp_path, base, capsys, edit):
+    """Pretraining ends stories with <|endoftext|>; fine-tuning also writes ChatML's tokens."""
+    tok = checkpoint.read_tokenizer(str(base))
+    doc = json.loads(tok.to_json())
+    specials = doc["added_tokens"]
+    if edit == "drop":
+        del specials[0]                                  # <|endoftext|>: the last id, so ids stay dense
+        specials[:] = [dict(t, id=t["id"] - 1) for t in specials]
+    else:
+        specials[0]["content"] = "<|end|>"
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    code, err = run(capsys, pretrain(tmp_path / "run.safetensors", "--tokenizer", path))
+    assert code == 2 and one_line_error(err) and str(path) in err and "no <|endoftext|> special token" in err, err
+    tensors, meta = tensorfile.read_safetensors(str(base))
+    meta["tokenizer"] = json.dumps(dict(json.loads(meta["tokenizer"]), added_tokens=json.loads(tok.to_json())
+                                        ["added_tokens"][:1]))   # <|endoftext|> only: no ChatML
+    init = tmp_path / "init.safetensors"
+    tensorfile.write_safetensors(str(init), tensors, meta)
+    code, err = run(capsys, ["finetune", "--data", "builtin:20", "--init", init, "--steps", "1",
+                             "--out", tmp_path / "chat.safetensors"])
+    assert code == 2 and one_line_error(err) and str(init) in err and "<|im_start|>" in err, err
+
+
+def test_a_tokenizer_larger_than_the_preset_says_what_it_costs(tmp_path, capsys, monkeypatch):
+    """The model takes the tokenizer's vocabulary: a big tokenizer on a small preset is said, and
+    refused at once when the run would not fit (a 4 MB tokenizer.json made nano a 3 GB run)."""
+    from tokenizer import Tokenizer
+    tok = Tokenizer.train(data.tokenizer_texts(["builtin:200"]), 700)
+    assert tok.vocab_size > wyrd.get_config("nano").vocab_size
+    path = tmp_path / "tokenizer.json"
+    tok.save(path)
+    code, err = run(capsys, pretrain(tmp_path / "run.safetensors", "--tokenizer", path))
+    assert code == 0 and f"note: {path}: its {tok.vocab_size:,} tokens become nano's vocabulary" in err, err
+    monkeypatch.setattr(train, "available_memory", lambda: 50e6)
+    code, err = run(capsys, pretrain(tmp_path / "other.safetensors", "--tokenizer", path))
+    assert code == 2 and one_line_error(err) and "GB is available" in err, err
+    assert not os.path.exists(tmp_path / "other.safetensors")
