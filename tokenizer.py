@@ -131,15 +131,22 @@ def _merge_pair(ids, a, b, new):
 
 
 class _PieceCache(dict):
-    """pre-token -> ids; a miss runs BPE. TinyStories words repeat, so almost every lookup hits."""
+    """pre-token -> ids; a miss runs BPE. TinyStories words repeat, so almost every lookup hits.
+    `size` estimates the bytes it holds: an entry's objects (~200) and its characters and ids."""
 
     def __init__(self, bpe):
         super().__init__()
         self.bpe = bpe
+        self.size = 0
 
     def __missing__(self, piece):
         ids = self[piece] = self.bpe(piece)
+        self.size += 200 + len(piece) + 8 * len(ids)
         return ids
+
+    def clear(self):
+        super().clear()
+        self.size = 0
 
 
 class StreamDecoder:
@@ -160,7 +167,7 @@ class StreamDecoder:
 
 
 class Tokenizer:
-    _CACHE_LIMIT = 1 << 20  # pre-tokens kept in the encode cache before it is cleared
+    _CACHE_LIMIT = 256 << 20  # bytes (estimated) the encode cache may hold before it is cleared
 
     def __init__(self, vocab, merges, special_ids):
         """
@@ -244,7 +251,7 @@ class Tokenizer:
         """Token ids of plain text. Never produces a special id."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
-        if len(self._cache) > self._CACHE_LIMIT:
+        if self._cache.size > self._CACHE_LIMIT:
             self._cache.clear()
         return list(chain.from_iterable(map(self._cache.__getitem__, _SPLIT.findall(text))))
 

@@ -403,3 +403,16 @@ def test_huggingface_tokenizers_agree(tok, tmp_path):
         if any(0xD800 <= ord(c) <= 0xDFFF for c in text):
             continue
         assert other.encode(text).ids == tok.encode(text), repr(text)
+
+
+def test_the_encode_cache_is_bounded_by_its_bytes_not_its_entries(tok, monkeypatch):
+    """Long distinct words (a web chat's users can send any) fill the cache by size: 64 KB here."""
+    monkeypatch.setattr(Tokenizer, "_CACHE_LIMIT", 64 << 10)
+    rng = random.Random(0)
+    sizes = []
+    for _ in range(200):                                 # 200 calls of one 2,000-letter word each
+        word = "".join(rng.choice("abcdefgh") for _ in range(2000))
+        assert tok.decode(tok.encode(word)) == word
+        sizes.append(tok._cache.size)
+    assert max(sizes) <= (64 << 10) + 200 + 2000 + 8 * 2000  # the limit, plus the one call that passed it
+    assert min(sizes[100:]) < max(sizes)                 # and it was cleared, again and again
