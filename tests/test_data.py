@@ -569,3 +569,41 @@ def test_a_tar_bomb_of_headers_is_refused_or_streamed(tmp_path, tok):
     finally:
         tarfile.TarFile.next = real_next
     assert max(members) <= 1                       # the headers read are not all kept
+
+
+def test_an_oasst_chain_with_a_side_reply_at_every_turn_stays_linear(tmp_path, capsys):
+    """8,000 turns, and a user's side question (answered) at each assistant turn: every side
+    branch repeats the chain before it, so flattening all of them is quadratic (816 MB of
+    tokens from a 1.7 MB file). The conversations keep at most OASST_REPEAT x the tree's text."""
+    msgs = [{"message_id": "m0", "parent_id": None, "role": "prompter", "text": "Tell me a long story.", "lang": "en"}]
+    for i in range(1, 8000):
+        role = ("prompter", "assistant")[i % 2]
+        msgs.append({"message_id": f"m{i}", "parent_id": f"m{i - 1}", "role": role, "text": f"turn {i} " * 8,
+                     "lang": "en", "rank": 0})
+        if role == "assistant":                      # the side branch: a question and its answer
+            msgs.append({"message_id": f"s{i}", "parent_id": f"m{i}", "role": "prompter", "text": "Why?",
+                         "lang": "en"})
+            msgs.append({"message_id": f"t{i}", "parent_id": f"s{i}", "role": "assistant", "text": "Because.",
+                         "lang": "en"})
+    path = tmp_path / "chain.jsonl"
+    path.write_text("".join(json.dumps(m) + "\n" for m in msgs))
+    text = sum(len(m["text"]) + data.TURN_CHARS for m in msgs)
+    chats = list(data.iter_chats(str(path)))
+    kept = sum(len(t["content"]) + data.TURN_CHARS for c in chats for t in c)
+    assert len(chats) > 1 and kept <= data.OASST_REPEAT * text     # without the bound: ~1,000x the text
+    err = capsys.readouterr().err
+    assert "chain.jsonl: left out" in err and "they repeat the turns before their branch" in err, err
+
+
+def test_an_oasst_tree_nested_deeper_than_the_json_parser_recurses_is_read(tmp_path):
+    """A valid 600-turn tree nests 1,200 JSON levels: json.loads gives RecursionError, the
+    flat parser reads it."""
+    line = ""
+    for i in range(599, -1, -1):                            # written out: json.dumps recurses too
+        line = f'{{"role": "{("prompter", "assistant")[i % 2]}", "text": "turn {i}", "lang": "en", "replies": [{line}]}}'
+    path = tmp_path / "trees.jsonl"
+    path.write_text('{"message_tree_id": "t", "prompt": ' + line + "}\n")
+    with pytest.raises(RecursionError):
+        json.loads(path.read_text())
+    chats = list(data.iter_chats(str(path)))
+    assert len(chats) == 1 and len(chats[0]) == 600 and chats[0][-1]["content"] == "turn 599"
