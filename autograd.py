@@ -26,12 +26,12 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 _grad_enabled = True
-# fastmath without 'nnan'/'ninf' (infinities keep their meaning) and without
-# 'reassoc': a sum LLVM may reorder is compiled differently in-process than in
-# Numba's cache (a parallel kernel rounded a row sum one way on a fresh clone and
-# another on every later run, so a resumed run drifted from the uninterrupted one).
+# fastmath without 'nnan'/'ninf' (infinities keep their meaning), and without
+# 'reassoc' or 'arcp': LLVM compiled a reordered sum in a parallel kernel one way
+# in-process and another for Numba's cache, so a run's bits depended on whether its
+# kernels were just compiled (a resumed run drifted from the uninterrupted one).
 # Sums are written in LANES interleaved parts instead (dot, lane_sum): they vectorise
-# just as well, in an order fixed by the code.
+# as well, in an order fixed by the code.
 FAST = {"contract", "nsz"}
 LANES = 16
 
