@@ -42,6 +42,7 @@ from tokenizer import EOT, ROLES
 
 BUILTIN_STORIES = 20000         # `builtin`: generated stories for pretraining ...
 BUILTIN_CHATS = 12000           # ... and conversations for fine-tuning
+BUILTIN_MAX = 100_000           # builtin:N at most: 5x the default, ~20M tokens
 VAL_FRACTION = 0.05             # held-out share of each data set ...
 VAL_MAX_TOKENS = 1 << 20        # ... capped, so a 2 GB corpus does not hold out 100 MB
 
@@ -685,8 +686,8 @@ def builtin_documents(source, chat):
         n = BUILTIN_CHATS if chat else BUILTIN_STORIES
     elif source.startswith("builtin:"):
         n = source.split(":", 1)[1]
-        if not n.isdigit() or int(n) < 2:
-            raise DataError(f"{source}: expected builtin:N with N >= 2 documents")
+        if not (n.isascii() and n.isdigit()) or not 2 <= int(n) <= BUILTIN_MAX:
+            raise DataError(f"{source}: expected builtin:N with 2 <= N <= {BUILTIN_MAX:,} documents")
         n = int(n)
     else:
         return None

@@ -607,3 +607,10 @@ def test_an_oasst_tree_nested_deeper_than_the_json_parser_recurses_is_read(tmp_p
         json.loads(path.read_text())
     chats = list(data.iter_chats(str(path)))
     assert len(chats) == 1 and len(chats[0]) == 600 and chats[0][-1]["content"] == "turn 599"
+
+
+@pytest.mark.parametrize("source", ["builtin:1", "builtin:100001", "builtin:99999999999", "builtin:٣", "builtin:x"])
+def test_builtin_counts_out_of_range_are_one_error(source):
+    """builtin:N generates N documents in memory: beyond 100,000 it is refused, not started."""
+    with pytest.raises(data.DataError, match=r"expected builtin:N with 2 <= N <= 100,000 documents"):
+        data.builtin_documents(source, chat=False)
