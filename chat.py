@@ -58,6 +58,7 @@ from sampling import Settings, complete, generate
 from tokenizer import DEFAULT_SYSTEM
 
 DEFAULT_CHECKPOINT = os.path.join("out", "wyrd.safetensors")  # what `python train.py` writes
+MAX_MESSAGE = 1 << 20  # characters in one message or prompt: ~250K tokens, about a minute of reading
 
 
 # ---------------------------------------------------------------------------
@@ -248,6 +249,9 @@ class Repl:
 
     def say(self, text):
         """Answer (or continue) one line, streaming to stdout. -> True if Ctrl-C stopped it."""
+        if len(text) > MAX_MESSAGE:
+            self.note(f"error: a message of {len(text):,} characters; at most {MAX_MESSAGE:,} (not sent)")
+            return False
         if self.raw:
             write_out(sys.stdout, text)
             pieces = complete(self.model, self.tok, text, self.settings, self.rng)

@@ -979,7 +979,19 @@ def download(name, folder):
                             f"file on another machine and pass it with --data") from None
 
 
-def convert(source, output, lang="en"):
+def convert(source, output, lang="en", overwrite=False):
+    """Write `source`'s conversations to the JSONL file `output`: a new file, or with
+    overwrite a regular file replaced; never a link, a device, or the source itself."""
+    if not output.endswith((".jsonl", ".jsonl.gz")):
+        raise DataError(f"{output}: expected an output name ending in .jsonl or .jsonl.gz")
+    if os.path.lexists(output):
+        if os.path.islink(output) or not os.path.isfile(output):
+            raise DataError(f"{output} exists and is not a regular file (a link, folder, pipe or device); "
+                            "it is never replaced")
+        if not overwrite:
+            raise DataError(f"{output} exists; pass --overwrite to replace it")
+        if os.path.exists(source) and os.path.samefile(source, output):
+            raise DataError(f"{output} is the input; write the conversion to another file")
     chats = builtin_documents(source, chat=True)
     chats = chats if chats is not None else iter_chats(source, lang)
     print(f"{output}: {write_chats(output, chats):,} conversations")
@@ -999,12 +1011,13 @@ def main(argv=None):
     p.add_argument("input", help="chat file or builtin[:N]")
     p.add_argument("output", help="output .jsonl or .jsonl.gz")
     p.add_argument("--lang", default="en", help="OASST language to keep, 'all' for every one (default: en)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
             download(args.dataset, args.dir)
         else:
-            convert(args.input, args.output, None if args.lang == "all" else args.lang)
+            convert(args.input, args.output, None if args.lang == "all" else args.lang, args.overwrite)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ Lone surrogates (not valid Unicode) are encoded as U+FFFD.
 import codecs
 import heapq
 import json
+import os
 import re
 import sys
 import time
@@ -51,6 +52,7 @@ from runtime import atomic_write
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 EOT, IM_START, IM_END = SPECIAL_TOKENS
 MAX_VOCAB = 1 << 21
+MAX_FILE = 128 << 20  # bytes of a tokenizer.json: MAX_VOCAB tokens and merges take ~70 MB
 DEFAULT_SYSTEM = "You are Wyrd, a helpful AI assistant."
 ROLES = ("system", "user", "assistant")
 
@@ -364,6 +366,11 @@ class Tokenizer:
     @classmethod
     def load(cls, path):
         try:
+            if not os.path.isfile(path):  # /dev/zero would be read until memory ran out
+                raise TokenizerError(f"{path}: not a regular file; expected a tokenizer.json")
+            if os.path.getsize(path) > MAX_FILE:
+                raise TokenizerError(f"{path}: {os.path.getsize(path):,} bytes; a tokenizer.json holds at most "
+                                     f"{MAX_FILE:,} (2**21 tokens and their merges)")
             with open(path, encoding="utf-8") as f:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:

@@ -602,3 +602,11 @@ def test_a_checkpoint_json_cannot_read_is_named_in_its_one_line(babbler_file, tm
         r = run_chat(["--checkpoint", path, "--prompt", "hi"], timeout=30)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
         assert r.stderr.startswith(f"error: {path}") and says in r.stderr, r.stderr
+
+
+def test_a_message_beyond_a_million_characters_is_refused_not_read_for_minutes(babbler_file):
+    """A 5 MB line took 740 MB and 98 s: it is refused in one line, and the REPL goes on."""
+    long = "a" * ((1 << 20) + 1)
+    r = run_chat(["--checkpoint", babbler_file, "--max-tokens", "4"], long + "\nHi\n")
+    assert r.returncode == 0 and "error: a message of 1,048,577 characters; at most 1,048,576" in r.stderr, r.stderr
+    assert r.stdout.strip()                               # the next line was answered

@@ -614,3 +614,31 @@ def test_builtin_counts_out_of_range_are_one_error(source):
     """builtin:N generates N documents in memory: beyond 100,000 it is refused, not started."""
     with pytest.raises(data.DataError, match=r"expected builtin:N with 2 <= N <= 100,000 documents"):
         data.builtin_documents(source, chat=False)
+
+
+def test_convert_never_replaces_a_file_it_was_not_asked_to(tmp_path, capsys):
+    """A user's file, a link, a device or the input itself is never replaced; an existing
+    .jsonl only with --overwrite."""
+    src = tmp_path / "in.jsonl"
+    data.write_chats(src, data.builtin_documents("builtin:5", chat=True))
+    keep = tmp_path / "notes.txt"
+    keep.write_text("mine")
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("mine\n")
+    os.symlink(mine, tmp_path / "link.jsonl")
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    before = {p.name: p.read_bytes() for p in (src, keep, mine)}
+    cases = [(["builtin:5", keep], "expected an output name ending in .jsonl"),
+             (["builtin:5", mine], "exists; pass --overwrite"),
+             (["builtin:5", tmp_path / "link.jsonl", "--overwrite"], "is not a regular file"),
+             (["builtin:5", tmp_path / "pipe.jsonl", "--overwrite"], "is not a regular file"),
+             ([src, src], "exists; pass --overwrite"),
+             ([src, src, "--overwrite"], "is the input")]
+    for args, says in cases:
+        code = data.main(["convert"] + [str(a) for a in args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and says in err, (args, err)
+    assert {p.name: p.read_bytes() for p in (src, keep, mine)} == before
+    assert os.path.islink(tmp_path / "link.jsonl") and not os.path.isfile(tmp_path / "pipe.jsonl")
+    assert data.main(["convert", "builtin:5", str(mine), "--overwrite"]) == 0
+    assert len(mine.read_text().splitlines()) == 5

@@ -416,3 +416,14 @@ def test_the_encode_cache_is_bounded_by_its_bytes_not_its_entries(tok, monkeypat
         sizes.append(tok._cache.size)
     assert max(sizes) <= (64 << 10) + 200 + 2000 + 8 * 2000  # the limit, plus the one call that passed it
     assert min(sizes[100:]) < max(sizes)                 # and it was cleared, again and again
+
+
+def test_a_tokenizer_path_that_is_a_device_or_too_large_is_refused_unread(tok, tmp_path, monkeypatch):
+    import tokenizer
+    with pytest.raises(TokenizerError, match=r"/dev/zero: not a regular file"):
+        Tokenizer.load("/dev/zero")                      # read whole, it would fill the memory
+    monkeypatch.setattr(tokenizer, "MAX_FILE", 1000)     # the real cap, 128 MB, as 1 KB
+    path = tmp_path / "big.json"
+    path.write_text(tok.to_json(), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=r"big.json: [\d,]+ bytes; a tokenizer.json holds at most 1,000"):
+        Tokenizer.load(path)
