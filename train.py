@@ -739,7 +739,7 @@ def build_parser():
                        description="Tokenizer, pretraining and fine-tuning on the built-in corpus, then a report "
                                    "(held-out losses, samples, reply check).")
     p.add_argument("--out", default="out/wyrd.safetensors", help="checkpoint file (default: out/wyrd.safetensors)")
-    p.add_argument("--preset", default="micro", choices=list(wyrd.PRESETS), help="model size (default: micro)")
+    p.add_argument("--preset", choices=list(wyrd.PRESETS), help="model size (default: micro)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and of both phases' data order "
                                                          "(default: 0)")
     _run_flags(p)
@@ -749,7 +749,7 @@ def build_parser():
                        description="Pretrain on stories (documents joined by <|endoftext|>).")
     p.add_argument("--data", nargs="+", default=["builtin"],
                    help="story files (.txt, .json, .tar.gz, each optionally .gz) or builtin[:N] (default: builtin)")
-    p.add_argument("--preset", default="micro", choices=list(wyrd.PRESETS), help="model size (default: micro)")
+    p.add_argument("--preset", choices=list(wyrd.PRESETS), help="model size (default: micro)")
     p.add_argument("--tokenizer", help="tokenizer.json or a checkpoint to take it from "
                                        "(default: train one on the data, with the preset's vocabulary size)")
     p.add_argument("--out", default="out/pretrain.safetensors", help="checkpoint file; the metrics log is "
@@ -778,6 +778,15 @@ def check_out(args):
     """--out and the files named after it, before anything is built or written: a checkpoint
     file name in a folder that exists or can be made, none of its files a file the run reads."""
     out, name = args.out, os.path.basename(args.out)
+    if args.resume and args.overwrite:
+        raise DataError("--resume continues the run at --out and --overwrite starts it over; pass one of them")
+    if getattr(args, "preset", None) and args.resume and os.path.isfile(out):
+        saved = checkpoint.read_meta(out).get("preset")
+        if saved and saved != args.preset:
+            raise DataError(f"--preset {args.preset} differs from the saved run's {saved}; a resumed run keeps "
+                            "its model (leave out --preset)")
+    if hasattr(args, "preset") and args.preset is None:
+        args.preset = "micro"
     if not name.endswith(".safetensors") or name == ".safetensors":  # else the log could be `out` itself
         raise DataError(f"--out {out!r}: expected a checkpoint file name ending in .safetensors (the metrics "
                         "log and training state are named after it)")

@@ -514,3 +514,17 @@ def test_a_tokenizer_larger_than_the_preset_says_what_it_costs(tmp_path, capsys,
     code, err = run(capsys, pretrain(tmp_path / "other.safetensors", "--tokenizer", path))
     assert code == 2 and one_line_error(err) and "GB is available" in err, err
     assert not os.path.exists(tmp_path / "other.safetensors")
+
+
+def test_resume_with_another_preset_or_with_overwrite_is_one_line(tmp_path, capsys):
+    out = tmp_path / "run.safetensors"
+    assert run(capsys, pretrain(out))[0] == 0
+    before = contents(tmp_path)
+    for flags, says in [(["--resume", "--preset", "micro"], "--preset micro differs from the saved run's nano"),
+                        (["--resume", "--overwrite"], "pass one of them")]:
+        argv = [a for a in pretrain(out) if a not in ("--preset", "nano")] + flags
+        code, err = run(capsys, argv)
+        assert code == 2 and one_line_error(err) and says in err, (flags, err)
+    assert contents(tmp_path) == before
+    code, err = run(capsys, pretrain(out, "--resume", "--steps", "2"))   # the same preset again is fine
+    assert code == 0, err
