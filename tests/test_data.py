@@ -642,3 +642,23 @@ def test_convert_never_replaces_a_file_it_was_not_asked_to(tmp_path, capsys):
     assert os.path.islink(tmp_path / "link.jsonl") and not os.path.isfile(tmp_path / "pipe.jsonl")
     assert data.main(["convert", "builtin:5", str(mine), "--overwrite"]) == 0
     assert len(mine.read_text().splitlines()) == 5
+
+
+def test_a_5000_digit_integer_or_a_lone_surrogate_in_a_record_skips_only_that_record(tmp_path, capsys):
+    """Python's int() refuses 4,300+ digits and UTF-8 refuses a lone surrogate (a JSON escape
+    such as \\ud800): each was a traceback (ValueError, UnicodeEncodeError in convert)."""
+    shard = tmp_path / "data00.json"
+    shard.write_text('[{"story": "Tom ran."}, {"story": "Ann sat.", "id": ' + "9" * 5000 + '}, '
+                     '{"story": "A \\ud800 cat."}, {"story": "Sam hid."}]')
+    assert list(data.iter_stories(str(shard))) == ["Tom ran.", "Sam hid."]
+    err = capsys.readouterr().err
+    assert "element 1: skipped" in err and "a number of 5,000 digits" in err and "lone surrogate" in err, err
+    chats = tmp_path / "chats.jsonl"
+    hi = '{"role": "user", "content": "Hi"}, {"role": "assistant", "content": '
+    chats.write_text('{"messages": [' + hi + '"Hello"}]}\n{"messages": [' + hi + '"Bad \\ud800 reply"}]}\n'
+                     '{"messages": [' + hi + '"Yes"}], "n": ' + "7" * 5000 + '}\n')
+    assert data.main(["convert", str(chats), str(tmp_path / "out.jsonl")]) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [c["messages"][1]["content"] for c in out] == ["Hello"]
+    err = capsys.readouterr().err
+    assert "chats.jsonl:2: skipped" in err and "chats.jsonl:3: skipped" in err and "Traceback" not in err, err
