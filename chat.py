@@ -40,7 +40,13 @@ if __name__ == "__main__":  # Ctrl-C while the imports below run (~0.5 s) ends i
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:  # not if ignored (nohup, a background job)
         _signal.signal(_signal.SIGINT, _interrupted_early)
 
-from runtime import atomic_write  # first import: the thread policy must be in place when NumPy loads
+import sys as _sys
+
+# Where SciPy is installed, Numba's first compile imports its BLAS wrappers (for np.dot in
+# jitted code, which no Wyrd kernel has): 16 MB of a chat process. Chat never uses SciPy.
+_sys.modules.setdefault("scipy", None)
+
+from runtime import atomic_write  # before NumPy: OpenBLAS's thread setting (runtime.py)
 
 import argparse
 import contextlib

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 
+import runtime  # noqa: F401  (before NumPy: OpenBLAS reads its thread setting when NumPy loads)
 import numpy as np
 
 import quant

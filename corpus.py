@@ -13,6 +13,7 @@ questions about it, states simple world facts (FACTS), or says who Wyrd is.
 import random
 import re
 
+import runtime  # noqa: F401  (before NumPy: OpenBLAS reads its thread setting when NumPy loads)
 import numpy as np
 
 from sampling import Settings, complete, generate

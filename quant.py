@@ -599,10 +599,9 @@ def head_token(x, norm, q, scale, eps):
     return _linear(q, scale, np.zeros(0, np.float32), _rmsnorm(x, norm, eps))
 
 
-# int8 decoding's Numba threads spin between loops (runtime.py), so waking them is cheap
-# and a token's kernels all run on every core. But a prompt chunk goes through BLAS,
-# whose threads the spinning ones would rob of the cores: up to 512 tokens its kernels
-# stay on one thread (architecture §7.1)
+# A token's kernels run on every core. A prompt chunk's time is in BLAS's products, so
+# up to 512 tokens its other kernels stay on one thread and BLAS keeps both cores
+# (architecture §7.1)
 SERIAL_ROWS = 512
 
 

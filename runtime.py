@@ -1,41 +1,31 @@
 """How Wyrd runs on this machine: the thread policy, the allocator, and atomic files.
 
-autograd.py imports this module first, so every program gets the policy before
-NumPy loads OpenBLAS (the thread settings are read once, at that moment). A
-script that imports NumPy itself must import autograd, wyrd, train or chat first.
+The thread policy is one, for every program (training, chat, a script or notebook):
+Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores, so both
+sleep as soon as their work is done instead of spinning on a core the other needs
+next. A training step was 2-4x slower with spinning Numba threads and 12-25% slower
+(micro) with OpenBLAS's default spin. Decoding has no policy of its own: spinning
+threads for it measured the same as this policy, within noise, in float32 and int8
+(docs/results/bench_entry_*.md).
+
+Numba's threads read their setting when the first parallel kernel runs, so any order
+of imports gives it. OpenBLAS reads its own once, when NumPy is first imported:
+autograd.py imports this module before NumPy, so `import wyrd` (or checkpoint, train,
+chat) before `import numpy` gives it too. Where NumPy came first, a note says so once,
+with the fix (setting OPENBLAS_THREAD_TIMEOUT=4 before Python starts also works).
 """
 import contextlib
 import ctypes
 import os
 import sys
 
-# Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores. By
-# default both spin for a while after each parallel region, stealing the core the
-# other needs next: a training step measured 2-4x slower. Numba's threads sleep.
-# Except when decoding with int8 weights (chat.py --quantize): its matrix-vector
-# products are ~65 Numba loops a token while BLAS is idle, and waking a sleeping
-# thread for each costs ~50 us, so its threads spin briefly.
-DECODING = os.path.basename(sys.argv[0]) in ("chat.py", "bench_chat.py")
-INT8_DECODING = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "10000"}
-if DECODING and any(a.startswith("--q") for a in sys.argv):  # argparse also takes --quant, --q=int8
-    for k, v in INT8_DECODING.items():
-        os.environ.setdefault(k, v)
+BLAS_TIMEOUT = "4"  # OpenBLAS's threads spin 2^4 cycles after a product before they sleep
+if "numpy" in sys.modules and os.environ.get("OPENBLAS_THREAD_TIMEOUT") is None:
+    print("note: NumPy was imported before Wyrd, so OpenBLAS keeps its default thread spin and "
+          "training runs up to ~25% slower; import wyrd before numpy (or set OPENBLAS_THREAD_TIMEOUT=4)",
+          file=sys.stderr)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-# Where SciPy is installed, Numba's first compile imports SciPy's BLAS wrappers (for
-# np.dot inside jitted code, which no Wyrd kernel has): 16 MB more in a chat process,
-# 4% of one with int8 weights. Chat never uses SciPy, so it is marked absent there.
-if DECODING:
-    sys.modules.setdefault("scipy", None)
-
-# How long OpenBLAS threads spin after a call before they sleep. Decoding (chat.py)
-# runs ~110 small matrix-vector products per token with only small one-thread
-# kernels between them: threads kept awake made medium decoding ~12% faster.
-# Training runs a few large products with long Numba kernels between them, where
-# spinning BLAS threads steal the cores (tiny ~4% slower). The value is read once,
-# so the program being run decides.
-DECODE_BLAS_TIMEOUT, TRAIN_BLAS_TIMEOUT = "20", "4"
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", DECODE_BLAS_TIMEOUT if DECODING else TRAIN_BLAS_TIMEOUT)
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_TIMEOUT)
 
 
 def _keep_freed_memory():

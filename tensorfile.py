@@ -9,9 +9,9 @@ import json
 import math
 import os
 
+from runtime import atomic_write  # before NumPy: OpenBLAS reads its thread setting when NumPy loads
 import numpy as np
 
-from runtime import atomic_write
 
 
 class CheckpointError(ValueError):

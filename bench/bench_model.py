@@ -24,12 +24,8 @@ import subprocess
 import sys
 import time
 
-# The environment as given, before runtime.py fills in training's thread policy: the
-# decode child gets chat.py's policy instead.
-GIVEN_ENV = dict(os.environ)
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
-import runtime  # noqa: E402
 from bench_kernels import best_of, matmul_gflops  # noqa: E402
 import wyrd  # noqa: E402
 import checkpoint  # noqa: E402
@@ -129,8 +125,8 @@ def decode_rate(preset, contexts, rounds, tokens, quantize):
 
 
 def decode_side_by_side(runs=3):
-    """float32 and int8 decoding, each in processes of its own under chat.py's thread
-    policy for it (runtime.py), alternating so a busy spell of the host hits both.
+    """float32 and int8 decoding, each in processes of its own, alternating so a busy
+    spell of the machine hits both.
     Each is compared with its own bandwidth bound, bytes a token / matvec GB/s, two ways:
     - against the fastest matvec of the whole benchmark, with the best of its rounds:
       a busy moment of the shared host can only lower this figure;
@@ -140,9 +136,7 @@ def decode_side_by_side(runs=3):
     rates, ttfts, gbps, kernel_gbps, nbytes = {}, {}, [], [], {}
     for _ in range(runs):
         for name in ("float32", "int8"):
-            env = {"OPENBLAS_THREAD_TIMEOUT": runtime.DECODE_BLAS_TIMEOUT,
-                   **(runtime.INT8_DECODING if name == "int8" else {}), **GIVEN_ENV}
-            out = subprocess.run([sys.executable, __file__, "--decode-child", name], check=True, env=env,
+            out = subprocess.run([sys.executable, __file__, "--decode-child", name], check=True,
                                  stdout=subprocess.PIPE, text=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             gbps += r["gbps"]
@@ -222,7 +216,7 @@ def chat_memory(path, int8_path):
         cmd = [sys.executable, os.path.join(ROOT, "chat.py"), "--checkpoint", file, "--prompt", "Tell me a story.",
                "--max-tokens", "32", "--temperature", "0", *quantize]
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, env=GIVEN_ENV)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         _, status, usage = os.wait4(proc.pid, 0)
         assert status == 0, f"{cmd} failed"
         peak[name] = usage.ru_maxrss * 1024
