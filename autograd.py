@@ -400,7 +400,7 @@ def sigmoid(x):
     return y
 
 
-@njit(inline="always", fastmath=False)
+@njit(inline="always", fastmath=FAST)
 def sigmoid_scalar(x):
     """1 / (1 + e^-x): e^-x overflows to inf for x < -88, and 1 / inf is the right 0.
     (One in x's type: a float64 1.0 would turn float32 work into float64.)"""
@@ -408,7 +408,7 @@ def sigmoid_scalar(x):
     return one / (one + exp(-x))
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(parallel=True, cache=True, fastmath=FAST)
 def sigmoid_kernel(x, y):
     for i in prange(x.size):
         y[i] = sigmoid_scalar(x[i])

@@ -271,7 +271,7 @@ def rglru_log_a(lambda_param):
     return np.log(s + 1e-8), s * (1.0 - s) / (s + 1e-8)
 
 
-@njit(parallel=True, cache=True, fastmath=False)  # no fastmath: the same rounding wherever the arrays lie
+@njit(parallel=True, cache=True, fastmath=FAST)
 def rglru_forward_kernel(y, c_log_a, h0, a, i, r, h):
     """The RG-LRU from its stacked projections y = [xp | z_i | z_r] [B, T, 3d] to h [B, T, d]:
     r = sigmoid(z_r), a_t = exp(c log a r), i = sigmoid(z_i),
@@ -300,7 +300,7 @@ def rglru_forward_kernel(y, c_log_a, h0, a, i, r, h):
                 rt_[c] = rt
 
 
-@njit(parallel=True, cache=True, fastmath=False)
+@njit(parallel=True, cache=True, fastmath=FAST)
 def rglru_backward_kernel(y, c_log_a, h0, a, i, r, h, gh, gy, gh0, gc_log_a):
     """Backward of the kernel above, in reverse time. With g_t = dL/dh_t (gh_t plus
     g_{t+1} a_{t+1}, h_t feeding h_{t+1}) and m = sqrt(1 - a^2 + 1e-6):
