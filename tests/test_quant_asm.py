@@ -1,7 +1,7 @@
 """The int8 kernel's hot loop as machine code for seven x86-64 CPUs: quant.groups_dot
 compiled for each (NUMBA_CPU_NAME, in a process of its own) must multiply-add packed
-integers on the CPU's widest registers, with no scalar code per weight. Int8 decoding
-keeps up with memory only where this holds; as plain loops, which LLVM vectorises its
+integers on the CPU's widest registers, with no scalar code per weight, and prefetch
+the rows ahead in software. Int8 decoding keeps up with memory only where this holds; as plain loops, which LLVM vectorises its
 own way for each CPU, the kernel fails here on all seven, whatever the host."""
 import os
 import platform
@@ -69,12 +69,15 @@ def loops(body):
 
 def hot_loop_problems(asm, width, name="groups_dot"):
     """What is wrong with the loops that multiply-add: each packed multiply-add on
-    `width` registers, no scalar arithmetic per weight; [] when all is well."""
+    `width` registers, no scalar arithmetic per weight, a prefetch of the rows ahead;
+    [] when all is well."""
     hot = [loop for loop in loops(function_body(asm, name)) if any(ins[0] in MULTIPLY_ADDS for ins in loop)]
     if not hot:
         return ["no loop with packed integer multiply-adds"]
     problems = []
     for loop in hot:
+        if not any(ins[0].startswith("prefetch") for ins in loop):
+            problems.append("no software prefetch of the rows ahead")  # half of memory speed on a Xeon without it
         for ins in loop:
             operands = ins[1] if len(ins) > 1 else ""
             if ins[0] in MULTIPLY_ADDS and set(re.findall(r"%([xyz]mm)", operands)) != {width}:
