@@ -11,12 +11,14 @@ load memory = peak resident size added by checkpoint.load of a medium checkpoint
     (a float32 file, and the int8 file of the same weights: checkpoint.save(dtype="int8"))
 chat memory = peak resident size of a `chat.py --prompt` process on a medium checkpoint
 
-Decoding is measured in processes of their own under chat.py's thread policy
-(runtime.py: int8 decoding's differs), float32 and int8 alternating.
+Decoding is measured in processes of their own, float32 and int8 alternating, and
+written to docs/results/decode_CPU.md, CPU being LLVM's name for this machine's
+(the speed-up depends on it).
 Each memory figure comes from a fresh process (/proc VmHWM, or wait4 for chat.py)
 started by this small parent, never by a process that has held a medium model.
 """
 import argparse
+import datetime
 import json
 import os
 import resource
@@ -27,6 +29,7 @@ import time
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from bench_kernels import best_of, matmul_gflops  # noqa: E402
+from bench_train import machine  # noqa: E402
 import wyrd  # noqa: E402
 import checkpoint  # noqa: E402
 import quant  # noqa: E402
@@ -147,7 +150,8 @@ def decode_side_by_side(runs=3):
                 rates.setdefault((name, int(ctx)), []).extend(pairs)
     kernel = np.array(kernel_gbps)  # (int8 kernel GB/s, float32 matvec GB/s measured just before)
     back_to_back = kernel[:, 0] / kernel[:, 1]
-    print(f"machine: {os.cpu_count()} cores, float32 matvec {min(gbps):.1f}-{max(gbps):.1f} GB/s "
+    lines = []  # shown, then written to the results file
+    lines.append(f"machine: {os.cpu_count()} cores, float32 matvec {min(gbps):.1f}-{max(gbps):.1f} GB/s "
           f"(median {np.median(gbps):.1f}), int8 kernel matvec {kernel[:, 0].min():.1f}-{kernel[:, 0].max():.1f} GB/s "
           f"(back to back with float32's: {np.median(back_to_back):.2f}x, "
           f"{back_to_back.min():.2f}-{back_to_back.max():.2f}x); "
@@ -157,17 +161,25 @@ def decode_side_by_side(runs=3):
             pairs = np.array(rates[name, ctx])
             best, bound = pairs[:, 0].max(), max(gbps) * 1e9 / nbytes[name]
             paired = np.median(pairs[:, 0] * nbytes[name] / (pairs[:, 1] * 1e9))
-            print(f"decode medium {name:7s} context {ctx:5d}: prefill {ttfts[name, ctx] * 1e3:6.0f} ms, "
+            lines.append(f"decode medium {name:7s} context {ctx:5d}: prefill {ttfts[name, ctx] * 1e3:6.0f} ms, "
                   f"{best:6.1f} tok/s ({best / bound * 100:5.1f}% of its {bound:5.1f} tok/s bound: "
                   f"{nbytes[name] / 1e6:.0f} MB a token); round by round {paired * 100:5.1f}% "
                   f"(median {np.median(pairs[:, 0]):.1f} tok/s)")
         f_rate, q_rate = (np.array(rates[n, ctx])[:, 0] for n in ("float32", "int8"))
         kernel_bound = kernel[:, 0].max() * 1e9 / nbytes["int8"]
-        print(f"decode medium int8    context {ctx:5d}: {q_rate.max() / kernel_bound * 100:5.1f}% of the "
+        lines.append(f"decode medium int8    context {ctx:5d}: {q_rate.max() / kernel_bound * 100:5.1f}% of the "
               f"{kernel_bound:5.1f} tok/s the int8 kernel's own matvec rate allows")
-        print(f"decode medium int8 / float32 context {ctx:5d}: {q_rate.max() / f_rate.max():.2f}x the tokens/s "
+        lines.append(f"decode medium int8 / float32 context {ctx:5d}: {q_rate.max() / f_rate.max():.2f}x the tokens/s "
               f"(medians {np.median(q_rate) / np.median(f_rate):.2f}x), "
               f"prefill {ttfts['int8', ctx] / ttfts['float32', ctx]:.2f}x the time")
+    print("\n".join(lines))
+    import llvmlite.binding
+    cpu = llvmlite.binding.get_host_cpu_name()
+    out = os.path.join(ROOT, "docs", "results", f"decode_{cpu}.md")
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(f"# Decoding medium, float32 and int8 (LLVM's CPU: {cpu})\n\n{datetime.date.today()}, "
+                f"`python bench/bench_model.py --only decode`. machine: {machine()}\n\n```\n" + "\n".join(lines) + "\n```\n")
+    print(f"written to {os.path.relpath(out)}")
 
 
 def peak_rss():
