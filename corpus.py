@@ -9,6 +9,7 @@ questions about it, states simple world facts (FACTS), or says who Wyrd is.
     builtin_stories(n, seed)   # n distinct stories
     builtin_chats(n, seed)     # n conversations, lists of {"role", "content"}
     fact_check(model, tok)     # what a model learned: facts, names per story, replies
+    skill_check(model, tok)    # ... and topic, recall and not knowing, on held-out seeds
 """
 import random
 import re
@@ -443,6 +444,8 @@ def _story_turn(rng):
     else:
         about, args = "", {}
     text, facts = _story(rng, **args)
+    # the word a story about it uses (a theme's story holds no one word)
+    facts["topic"] = None if topic == "theme" else args.get("kind", args.get("name", args.get("place", args.get("obj"))))
     return rng.choice(_STORY_ASK).format(about=about), rng.choice(_STORY_LEAD).format(about=about) + text, facts
 
 
@@ -553,3 +556,88 @@ def fact_check(model, tok, max_new=40):
         else:
             wrong.append((question, reply))
     return right, wrong
+
+
+# The chat skills, on conversations drawn with seeds no training run uses (training's
+# are 0 and 1), greedy as fact_check: a story about what was asked, answers about the
+# story it just told, and "I don't know" to what its world does not hold.
+TOPIC_SEED, RECALL_SEED = HELD_OUT_SEED + 1, HELD_OUT_SEED + 2
+# questions outside the stories' world that no conversation of the corpus asks
+OUTSIDE = ["Who was the first president of the United States?", "Can you write me a poem about the sea?",
+           "What is 2 plus 3?", "Why is the sky blue?", "How far away is the moon?", "What is the speed of light?",
+           "Who wrote Romeo and Juliet?", "How do airplanes fly?", "What year did the Second World War end?",
+           "Can you translate this into Spanish?", "What is the biggest country in the world?",
+           "How do I bake bread?", "What is photosynthesis?", "Can you book me a flight to Paris?",
+           "What is the population of China?", "How many bones are in the human body?",
+           "What is the price of gold today?", "Can you fix my computer?", "What is 12 times 7?",
+           "Who painted the Mona Lisa?", "How does the internet work?", "What is the tallest mountain in the world?",
+           "Can you explain quantum physics?", "What time is it in Tokyo?"]
+_DECLINES = re.compile(r"do not know|don't know|not sure|hard question|only know|a story instead|tell you one|"
+                       r"like a story|like to hear a story")
+_LEAD_RE = re.compile(r"(?:Sure! |(?:Of course! )?Here is a (?:short )?story[^\n]*\n\n|Okay! Here is a short story\.\n\n)")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_OBJECT_RE = re.compile(r"\b(?:" + "|".join(_OBJECTS) + r")s?\b")
+
+
+def topic_cases(n, seed=TOPIC_SEED):
+    """n held-out story requests about an animal or toy, a named girl or boy, a place or
+    a lost object -> [(request, the word the story must use, the corpus's own reply)]."""
+    rng, cases = random.Random(seed), []
+    while len(cases) < n:
+        user, reply, facts = _story_turn(rng)
+        word = facts["topic"]
+        if word is None:
+            continue
+        cases.append((user, word, reply))
+    return cases
+
+
+def is_about(reply, word, sentences=5):
+    """Whether the story's first sentences (after a lead such as "Here is a story about
+    ...", which only echoes the request) use the word. Five, as a place often enters
+    in the third to fifth: the corpus's own stories pass 97% of topic_cases."""
+    story = _LEAD_RE.sub("", reply, count=1).lstrip()
+    start = " ".join(_SENTENCE_END.split(story)[:sentences])
+    return re.search(rf"\b{re.escape(word)}\b", start, re.IGNORECASE) is not None
+
+
+def recall_cases(n, seed=RECALL_SEED):
+    """n held-out conversations: a story request, the corpus's story as the assistant's
+    turn, then one of the corpus's questions about it -> [(messages, exact answer)]."""
+    rng, cases = random.Random(seed), []
+    for _ in range(n):
+        user, reply, facts = _story_turn(rng)
+        question, answer = rng.choice(_story_questions(rng, facts))
+        cases.append(([dict(role="system", content=DEFAULT_SYSTEM), dict(role="user", content=user),
+                       dict(role="assistant", content=reply), dict(role="user", content=question)], answer))
+    return cases
+
+
+def declines(reply):
+    """Whether a reply says it does not know, or offers a story instead."""
+    return _DECLINES.search(reply) is not None
+
+
+def objects_per_story(stories):
+    """Mean number of distinct objects from the corpus's list per story: its own stories
+    name ~0.5 (the problem's object, when the problem has one); a model that loses the
+    thread turns a kite into a ball, then a car."""
+    return float(np.mean([len(set(m.rstrip("s") for m in _OBJECT_RE.findall(s))) for s in stories]))
+
+
+def _greedy(model, tok, messages, max_new):
+    ids, _ = tok.render_chat(messages, add_generation_prompt=True)
+    out = list(generate(model, tok, None, ids, Settings(temperature=0, repetition_penalty=1, max_tokens=max_new)))
+    return tok.decode([t for t in out if t not in (tok.im_end_id, tok.eot_id)])
+
+
+def skill_check(model, tok, n=40):
+    """Greedy replies to held-out requests -> {"topic", "recall", "declines"}: the share
+    of n story requests whose story is about what was asked (is_about), of n questions
+    about a story answered exactly, and of the OUTSIDE questions declined."""
+    system = dict(role="system", content=DEFAULT_SYSTEM)
+    topic = np.mean([is_about(_greedy(model, tok, [system, dict(role="user", content=user)], 80), word)
+                     for user, word, _ in topic_cases(n)])
+    recall = np.mean([_greedy(model, tok, messages, 40) == answer for messages, answer in recall_cases(n)])
+    declined = np.mean([declines(_greedy(model, tok, [system, dict(role="user", content=q)], 60)) for q in OUTSIDE])
+    return dict(topic=float(topic), recall=float(recall), declines=float(declined))

@@ -682,6 +682,7 @@ def run_default(out="out/wyrd.safetensors", resume=False, preset="micro", pre=PR
         meta = result["meta"]
         samples = corpus.sample_stories(model, tok, n=corpus.STORY_SAMPLES)
         meta["story_samples"], meta["names_per_story"] = samples[:3], corpus.names_per_story(samples)
+        meta["objects_per_story"] = corpus.objects_per_story(samples)
         for story in meta["story_samples"]:
             print(f"--- sample story ---\n{story}")
         model, tok, result = finetune([chats], None, out, ft, model=model, tok=tok, meta=meta, fresh_log=False)
@@ -693,6 +694,8 @@ def run_default(out="out/wyrd.safetensors", resume=False, preset="micro", pre=PR
     meta = result["meta"]
     rate, replies = corpus.reply_check(model, tok, n=check) if check else (float("nan"), [])
     facts, wrong = corpus.fact_check(model, tok) if check else (0, [])
+    skills = (corpus.skill_check(model, tok, n=min(check, 40)) if check
+              else dict.fromkeys(("topic", "recall", "declines"), float("nan")))
     wall = time.time() - t0
     print(f"\n=== Wyrd: {out} written in {_hms(wall)} ===")
     for ph in ("pretrain", "finetune"):
@@ -702,13 +705,17 @@ def run_default(out="out/wyrd.safetensors", resume=False, preset="micro", pre=PR
     print(f"replies ending with <|im_end|> within 200 tokens: {rate:.0%} of {check} held-out prompts")
     print(f"world facts answered exactly (greedy): {facts} of {len(corpus.FACTS)}"
           + "".join(f"\n  {q} -> {a!r}" for q, a in wrong[:5]))
-    print(f"distinct character names per sampled story: {meta.get('names_per_story', float('nan')):.2f} "
-          f"({corpus.STORY_SAMPLES} stories; the built-in stories have 1.6)")
+    print(f"stories about what was asked (greedy): {skills['topic']:.0%}; questions about its own story answered "
+          f"exactly: {skills['recall']:.0%}; questions outside its world declined: {skills['declines']:.0%} "
+          f"({len(corpus.OUTSIDE)})")
+    print(f"per sampled story: {meta.get('names_per_story', float('nan')):.2f} distinct character names, "
+          f"{meta.get('objects_per_story', float('nan')):.2f} objects ({corpus.STORY_SAMPLES} stories; "
+          f"the built-in stories have 1.6 and 0.6)")
     for story in meta.get("story_samples", []):
         print(f"\n--- story ---\n{story}")
     for prompt, reply in replies[:3]:
         print("\n--- chat ---\n" + "\n".join(f"{m['role']}: {m['content']}" for m in prompt) + f"\nassistant: {reply}")
-    return dict(result, reply_rate=rate, replies=replies, facts=facts, wall=wall)
+    return dict(result, reply_rate=rate, replies=replies, facts=facts, wall=wall, **skills)
 
 
 

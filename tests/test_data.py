@@ -105,6 +105,27 @@ def test_builtin_chats_follow_chatml_roles_and_answer_about_the_story():
     assert any(c[0]["role"] != "system" for c in chats)
 
 
+def test_the_skill_checks_are_held_out_and_score_the_corpus_own_replies():
+    """skill_check's conversations share no story with the default run's training
+    chats (builtin: 12,000 from seed 1), its OUTSIDE questions are never asked by the
+    corpus, and its scorers pass the corpus's own replies and fail wrong ones."""
+    topic, recall = corpus.topic_cases(40), corpus.recall_cases(40)
+    trained = {m["content"] for chat in data.builtin_documents("builtin", chat=True) for m in chat}
+    assert not {reply for _, _, reply in topic} & trained
+    assert not {messages[2]["content"] for messages, _ in recall} & trained
+    asked = {q for q in corpus._UNKNOWN[0]} | {q for q, _ in corpus.FACTS}
+    assert len(corpus.OUTSIDE) >= 20 and not set(corpus.OUTSIDE) & asked
+    assert not set(corpus.OUTSIDE) & trained
+    # the scorers: the corpus's replies are about their topic; another topic's word is not
+    assert np.mean([corpus.is_about(reply, word) for _, word, reply in topic]) >= 0.9
+    assert not corpus.is_about("Here is a story about a dog.\n\nOnce upon a time, there was a cat named Tom.", "dog")
+    assert corpus.is_about("Sure! Once upon a time, there was a little dog named Spot.", "dog")
+    assert all(a.endswith((".", "!")) and m[-1]["role"] == "user" for m, a in recall)
+    assert all(corpus.declines(reply) for reply in corpus._UNKNOWN[1])
+    assert not corpus.declines("The sky is blue.") and not corpus.declines(corpus.FACTS[0][1])
+    assert corpus.objects_per_story(["Tom lost his kite. The kite flew.", "A ball and a red car.", "Hi."]) == 1.0
+
+
 # ---------------------------------------------------------------------------- stories
 
 def test_txt_stories_split_on_endoftext_also_inline(tmp_path):

@@ -249,6 +249,7 @@ def test_default_run_resumes_in_the_finetune_phase(tmp_path, tok, monkeypatch):
     assert losses(out) == losses(ref)
     assert [r["phase"] for r in log_of(out)].count("pretrain") == 5   # 4 steps + the final record
     assert again["meta"]["pretrain"] == done["meta"]["pretrain"] and again["meta"]["story_samples"] == ["a story"]
+    assert [again[k] for k in ("topic", "recall", "declines")] == [done[k] for k in ("topic", "recall", "declines")]
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tok, monkeypatch, capsys):
