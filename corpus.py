@@ -14,7 +14,7 @@ questions about it, states simple world facts (FACTS), or says who Wyrd is.
 import random
 import re
 
-import runtime  # noqa: F401  (before NumPy: OpenBLAS reads its thread setting when NumPy loads)
+import runtime  # noqa: F401  (the thread policy)
 import numpy as np
 
 from sampling import Settings, complete, generate
@@ -383,12 +383,51 @@ _THANKS = (["Thank you!", "Thanks!", "Thank you, Wyrd.", "That was a nice story,
 _GOODBYE = (["Bye!", "Goodbye!", "Good night!", "See you later!", "I have to go now. Bye!"],
             ["Goodbye! Have a wonderful day.", "Bye! Come back soon for another story.",
              "Good night! Sleep well.", "See you later! Take care."])
-_UNKNOWN = (["What is the capital of France?", "Can you help me with my taxes?", "What is the square root of 2?",
-             "Who won the game last night?", "What is the weather like today?", "Can you write a computer program?"],
-            ["I am sorry, I do not know that. I am a small model, and I only know simple things. "
-             "Would you like a story instead?",
-             "I don't know the answer to that. I know a lot of stories, though! Shall I tell you one?",
-             "That is a hard question for me. I am a small assistant that knows stories and simple facts."])
+# Questions outside the stories' world, drawn from templates so that the model learns
+# the kind of question rather than a few sentences; OUTSIDE's held-out ones are never drawn.
+_UNKNOWN_ASKS = {
+    "country": (["What is the capital of {}?", "Who is the president of {}?", "What language do people speak in {}?",
+                 "How many people live in {}?", "What is the weather like in {}?"],
+                "France Spain Italy Japan Brazil Egypt Canada Mexico India Kenya Norway Peru Germany Chile".split()),
+    "sum": (["What is {} minus {}?", "How much is {} and {}?", "What is {} divided by {}?", "Can you add {} and {}?"],
+            None),
+    "how": (["How does {} work?", "Can you explain how {} works?"],
+            ["a car engine", "a rocket", "a microwave", "a fridge", "electricity", "a phone", "a computer",
+             "a solar panel", "a television", "the stock market", "a vaccine", "a radio"]),
+    "what": (["What is {}?", "Can you tell me what {} is?"],
+             ["gravity", "an atom", "DNA", "a black hole", "a volcano", "the economy", "a galaxy", "inflation",
+              "a molecule", "democracy", "an algorithm", "electricity"]),
+    "who": (["Who invented {}?", "Who discovered {}?"],
+            ["the telephone", "the light bulb", "the car", "the radio", "penicillin", "the printing press",
+             "the computer", "electricity", "the steam engine", "America"]),
+    "when": (["When was {} built?", "Who built {}?"],
+             ["the Eiffel Tower", "the Great Wall of China", "the Colosseum", "the Statue of Liberty", "Big Ben"]),
+    "old": (["How old is {}?", "How big is {}?"], ["the universe", "the earth", "the sun", "the ocean"]),
+    "task": (["Can you {}?", "Could you {} for me?", "Please {}."],
+             ["help me with my taxes", "write a computer program", "do my homework", "send an email",
+              "order a pizza", "call my mom", "play some music", "find a good restaurant", "check my bank account",
+              "fix my car", "write an essay about history", "set an alarm", "turn on the lights"]),
+    "news": (["Who won the {}?", "What happened in the {}?"],
+             ["game last night", "World Cup", "election", "big race yesterday", "news today", "match on Sunday"]),
+}
+_UNKNOWN_REPLIES = [
+    "I am sorry, I do not know that. I am a small model, and I only know simple things. Would you like a story instead?",
+    "I don't know the answer to that. I know a lot of stories, though! Shall I tell you one?",
+    "That is a hard question for me. I am a small assistant that knows stories and simple facts.",
+    "I am not sure about that. I only know stories and simple things. Would you like to hear a story?",
+    "I can't do that, I am sorry. I am a small assistant, but I can tell you a story!"]
+
+
+def _unknown_question(rng):
+    while True:
+        templates, fill = _UNKNOWN_ASKS[rng.choice(sorted(_UNKNOWN_ASKS))]
+        template = rng.choice(templates)
+        q = (template.format(rng.randint(2, 20), rng.randint(1, 9)) if fill is None
+             else template.format(rng.choice(fill)))
+        if q not in OUTSIDE:
+            return q
+
+
 # (question, answer) pairs about the world the stories live in
 FACTS = ([(f"What sound does a {a} make?", f"A {a} says \"{s}\".") for a, s in
            [("cat", "meow"), ("dog", "woof"), ("cow", "moo"), ("duck", "quack"), ("sheep", "baa"), ("pig", "oink"),
@@ -423,9 +462,10 @@ _STORY_LEAD = ["", "", "Sure! ", "Of course! Here is a story{about}.\n\n", "Here
                "Okay! Here is a short story.\n\n"]
 
 
-def _story_turn(rng):
-    """A story request with a random topic -> (user, assistant, facts)."""
-    topic = rng.choice(["none", "none", "kind", "name", "place", "theme", "object"])
+def _story_turn(rng, topic=None):
+    """A story request about `topic` (random if None) -> (user, assistant, facts)."""
+    # most requests name a topic: following one is the skill to learn, and it needs the practice
+    topic = topic or rng.choice(["none", "kind", "kind", "name", "place", "theme", "object"])
     if topic == "kind":
         kind = rng.choice(_ANIMALS + _TOYS + ["girl", "boy"])
         about, args = " about " + _a(kind), dict(kind=kind)
@@ -449,8 +489,8 @@ def _story_turn(rng):
     return rng.choice(_STORY_ASK).format(about=about), rng.choice(_STORY_LEAD).format(about=about) + text, facts
 
 
-def _story_questions(rng, facts):
-    """(question, answer) pairs about a story just told."""
+def _question_pool(rng, facts):
+    """The (question, answer) pairs one can ask about a story just told."""
     f = facts
     pool = list(f["qa"]) + [
         (rng.choice(["Who is the story about?", "Who is in the story?"]), f"The story is about {f['intro']}."),
@@ -459,7 +499,7 @@ def _story_questions(rng, facts):
          f"{f['name']} learned {f['lesson']}.")]
     if f["friend_known"]:
         pool.append((f"Who is {f['fname']}?", f"{f['fname']} is {f['friend_intro']}, {f['name']}'s friend."))
-    return rng.sample(pool, rng.choice([1, 1, 2]))
+    return pool
 
 
 def _chat(rng):
@@ -472,18 +512,21 @@ def _chat(rng):
 
     if rng.random() < 0.3:
         say(_GREETINGS if rng.random() < 0.7 else _HOW_ARE_YOU)
-    main = rng.choices(["story", "facts", "identity", "unknown"], weights=[50, 25, 15, 10])[0]
+    main = rng.choices(["story", "facts", "identity", "unknown"], weights=[48, 32, 8, 12])[0]
     if main == "story":
         user, reply, facts = _story_turn(rng)
         say(([user], [reply]))
-        if rng.random() < 0.6:
-            for q, a in _story_questions(rng, facts):
+        if rng.random() < 0.85:  # answering from what it just told is a skill of its own
+            pool = _question_pool(rng, facts)
+            for q, a in rng.sample(pool, min(len(pool), rng.choice([1, 2, 2, 3]))):
                 say(([q], [a]))
     elif main == "facts":
         for q, a in rng.sample(FACTS, rng.choice([1, 1, 2, 3])):
             say(([q], [a]))
+    elif main == "identity":
+        say(_IDENTITY)
     else:
-        say(_IDENTITY if main == "identity" else _UNKNOWN)
+        say(([_unknown_question(rng)], _UNKNOWN_REPLIES))
     if rng.random() < 0.3:
         say(_THANKS)
     if rng.random() < 0.2:
@@ -573,7 +616,7 @@ OUTSIDE = ["Who was the first president of the United States?", "Can you write m
            "Who painted the Mona Lisa?", "How does the internet work?", "What is the tallest mountain in the world?",
            "Can you explain quantum physics?", "What time is it in Tokyo?"]
 _DECLINES = re.compile(r"do not know|don't know|not sure|hard question|only know|a story instead|tell you one|"
-                       r"like a story|like to hear a story")
+                       r"like a story|like to hear a story|can tell you a story")
 _LEAD_RE = re.compile(r"(?:Sure! |(?:Of course! )?Here is a (?:short )?story[^\n]*\n\n|Okay! Here is a short story\.\n\n)")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _OBJECT_RE = re.compile(r"\b(?:" + "|".join(_OBJECTS) + r")s?\b")
@@ -583,12 +626,9 @@ def topic_cases(n, seed=TOPIC_SEED):
     """n held-out story requests about an animal or toy, a named girl or boy, a place or
     a lost object -> [(request, the word the story must use, the corpus's own reply)]."""
     rng, cases = random.Random(seed), []
-    while len(cases) < n:
-        user, reply, facts = _story_turn(rng)
-        word = facts["topic"]
-        if word is None:
-            continue
-        cases.append((user, word, reply))
+    for _ in range(n):  # the four topics evenly, whatever the training mix
+        user, reply, facts = _story_turn(rng, rng.choice(["kind", "name", "place", "object"]))
+        cases.append((user, facts["topic"], reply))
     return cases
 
 
@@ -607,7 +647,7 @@ def recall_cases(n, seed=RECALL_SEED):
     rng, cases = random.Random(seed), []
     for _ in range(n):
         user, reply, facts = _story_turn(rng)
-        question, answer = rng.choice(_story_questions(rng, facts))
+        question, answer = rng.choice(_question_pool(rng, facts))
         cases.append(([dict(role="system", content=DEFAULT_SYSTEM), dict(role="user", content=user),
                        dict(role="assistant", content=reply), dict(role="user", content=question)], answer))
     return cases

@@ -1,5 +1,5 @@
 """Data: the built-in corpus, the real-data loaders, the token cache and batches."""
-import wyrd  # noqa: F401  (first: autograd sets the BLAS/OpenMP thread policy before NumPy loads)
+import wyrd  # noqa: F401
 
 import gzip
 import io
@@ -113,15 +113,13 @@ def test_the_skill_checks_are_held_out_and_score_the_corpus_own_replies():
     trained = {m["content"] for chat in data.builtin_documents("builtin", chat=True) for m in chat}
     assert not {reply for _, _, reply in topic} & trained
     assert not {messages[2]["content"] for messages, _ in recall} & trained
-    asked = {q for q in corpus._UNKNOWN[0]} | {q for q, _ in corpus.FACTS}
-    assert len(corpus.OUTSIDE) >= 20 and not set(corpus.OUTSIDE) & asked
-    assert not set(corpus.OUTSIDE) & trained
+    assert len(corpus.OUTSIDE) >= 20 and not set(corpus.OUTSIDE) & ({q for q, _ in corpus.FACTS} | trained)
     # the scorers: the corpus's replies are about their topic; another topic's word is not
     assert np.mean([corpus.is_about(reply, word) for _, word, reply in topic]) >= 0.9
     assert not corpus.is_about("Here is a story about a dog.\n\nOnce upon a time, there was a cat named Tom.", "dog")
     assert corpus.is_about("Sure! Once upon a time, there was a little dog named Spot.", "dog")
     assert all(a.endswith((".", "!")) and m[-1]["role"] == "user" for m, a in recall)
-    assert all(corpus.declines(reply) for reply in corpus._UNKNOWN[1])
+    assert all(corpus.declines(reply) for reply in corpus._UNKNOWN_REPLIES)
     assert not corpus.declines("The sky is blue.") and not corpus.declines(corpus.FACTS[0][1])
     assert corpus.objects_per_story(["Tom lost his kite. The kite flew.", "A ball and a red car.", "Hi."]) == 1.0
 
