@@ -19,7 +19,7 @@ uses them, and become differentiable ops through the same `Tensor.make`.
 import contextlib
 import math
 
-import runtime  # noqa: F401  (first: the thread policy must be in place when NumPy loads)
+import runtime  # noqa: F401  (the thread policy and the allocator setting)
 
 import numpy as np
 from numba import njit, prange, types

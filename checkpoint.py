@@ -12,12 +12,11 @@ import json
 import math
 import sys
 
-import runtime  # noqa: F401  (before NumPy: OpenBLAS reads its thread setting when NumPy loads)
 import numpy as np
 
 import quant
 import tensorfile
-from tensorfile import CheckpointError, SafetensorsFile, read_safetensors
+from tensorfile import CheckpointError, SafetensorsFile, read_safetensors, shape_mismatch
 from wyrd import Chimera, ChimeraConfig
 
 
@@ -134,7 +133,8 @@ def load(path, dtype=np.float32, quantize=None):
                 raise CheckpointError(f"{path}: config ties lm_head to embed_tokens but lm_head.weight differs")
             del shapes["lm_head.weight"]  # a tied copy written by another tool
         model = Chimera(config, dtype=dtype, init=None)
-        problem = model.state_mismatch(shapes, quant.scale_shapes(model) if int8_file else {})
+        params = {n: p.shape for n, p in model.named_parameters()} | (quant.scale_shapes(model) if int8_file else {})
+        problem = shape_mismatch(params, shapes)
         if problem:
             raise CheckpointError(f"{path}: weights do not match the config: {problem}")
         matrices = {name + ".weight" for name, _ in quant.int8_named_matrices(model)}

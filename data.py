@@ -18,7 +18,7 @@ few are reported with file and line, and the total at the end of the file. A
 file with nothing usable in it is an error. Malformed JSON inside a .json
 story shard cannot be resynchronised, so it stops the run, naming the offset.
 """
-from runtime import atomic_write  # first: the thread policy must be in place when NumPy loads
+from runtime import atomic_write
 
 import argparse
 import codecs

@@ -27,7 +27,7 @@ import json
 import math
 import sys
 
-from autograd import FAST, LANES, Tensor, dot, exp, is_grad_enabled, lane_sum, rmsnorm_row  # first: the thread policy (runtime.py)
+from autograd import FAST, LANES, Tensor, dot, exp, is_grad_enabled, lane_sum, rmsnorm_row
 
 import numba
 import numpy as np

@@ -11,7 +11,7 @@ the tests check the fused kernel against them, and docs/02 takes them apart.
 """
 import math
 
-from autograd import FAST, N_PARTIAL, Tensor, sigmoid  # first: the thread policy (runtime.py)
+from autograd import FAST, N_PARTIAL, Tensor, sigmoid
 
 import numpy as np
 from numba import njit, prange

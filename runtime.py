@@ -3,16 +3,14 @@
 The thread policy is one, for every program (training, chat, a script or notebook):
 Numba's OpenMP threads and OpenBLAS's threads take turns on the same cores, so both
 sleep as soon as their work is done instead of spinning on a core the other needs
-next. A training step was 2-4x slower with spinning Numba threads and 12-25% slower
-(micro) with OpenBLAS's default spin. Decoding has no policy of its own: spinning
-threads for it measured the same as this policy, within noise, in float32 and int8
-(docs/results/bench_entry_*.md).
+next (spinning made a training step 2-4x slower for Numba's threads, 12-25% for
+OpenBLAS's). Decoding measured the same under spinning threads, so it has no policy
+of its own (docs/results/bench_entry_*.md).
 
-Numba's threads read their setting when the first parallel kernel runs, so any order
-of imports gives it. OpenBLAS reads its own once, when NumPy is first imported:
-autograd.py imports this module before NumPy, so `import wyrd` (or checkpoint, train,
-chat) before `import numpy` gives it too. Where NumPy came first, a note says so once,
-with the fix (setting OPENBLAS_THREAD_TIMEOUT=4 before Python starts also works).
+Any import order gives it. Numba's threads read their setting when the first parallel
+kernel runs. OpenBLAS reads its own when NumPy loads: where NumPy was imported before
+Wyrd, its thread pool is restarted here with the setting (Linux; elsewhere a note says
+to set OPENBLAS_THREAD_TIMEOUT=4 before Python starts).
 """
 import contextlib
 import ctypes
@@ -20,12 +18,32 @@ import os
 import sys
 
 BLAS_TIMEOUT = "4"  # OpenBLAS's threads spin 2^4 cycles after a product before they sleep
-if "numpy" in sys.modules and os.environ.get("OPENBLAS_THREAD_TIMEOUT") is None:
-    print("note: NumPy was imported before Wyrd, so OpenBLAS keeps its default thread spin and "
-          "training runs up to ~25% slower; import wyrd before numpy (or set OPENBLAS_THREAD_TIMEOUT=4)",
-          file=sys.stderr)
+_numpy_first = "numpy" in sys.modules and os.environ.get("OPENBLAS_THREAD_TIMEOUT") is None
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_TIMEOUT)
+
+
+def _restart_blas_threads():
+    """Make the OpenBLAS that NumPy loaded re-read its environment and stop its thread
+    pool; its next product starts the pool again under the new setting. -> done?"""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1]}
+        libs = [ctypes.CDLL(p) for p in sorted(paths)]
+    except OSError:  # not Linux, or the library cannot be opened by its path
+        return False
+    for lib in libs:  # none: NumPy's BLAS is not OpenBLAS, whose spin this is about
+        if not (hasattr(lib, "openblas_read_env") and hasattr(lib, "blas_thread_shutdown_")):
+            return False
+        lib.openblas_read_env()
+        lib.blas_thread_shutdown_()
+    return True
+
+
+if _numpy_first and not _restart_blas_threads():
+    print("note: NumPy was imported before Wyrd, and its BLAS keeps its default thread spin, so "
+          "training runs up to ~25% slower; set OPENBLAS_THREAD_TIMEOUT=4 before Python starts",
+          file=sys.stderr)
 
 
 def _keep_freed_memory():

@@ -9,7 +9,7 @@ import json
 import math
 import os
 
-from runtime import atomic_write  # before NumPy: OpenBLAS reads its thread setting when NumPy loads
+from runtime import atomic_write
 import numpy as np
 
 
@@ -27,6 +27,17 @@ DTYPE_NAMES = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): 
 MAX_HEADER = 32 << 20   # a header's bytes: a Chimera's names and shapes, its config and a tokenizer
                         # of 2**21 tokens fit; parsing one costs ~15x its size
 MAX_TENSORS = 1 << 16   # a 1,024-layer Chimera has ~10,000
+
+
+def shape_mismatch(expected, shapes):
+    """What is wrong with tensors of these name -> shape where `expected` name -> shape
+    are wanted, in one line, or "" when they fit."""
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    wrong = [f"{n}: expected {tuple(expected[n])}, got {tuple(shapes[n])}"
+             for n in sorted(set(expected) & set(shapes)) if tuple(shapes[n]) != tuple(expected[n])]
+    parts = [f"{what} {len(names)}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+             for what, names in (("missing", missing), ("unexpected", unexpected)) if names]
+    return " | ".join(parts + ([f"wrong shape: {'; '.join(wrong[:8])}"] if wrong else []))
 
 
 def bf16_bits(x):

@@ -22,7 +22,7 @@ if __name__ == "__main__":  # Ctrl-C while the libraries load (~0.5 s): one line
         raise SystemExit(130)
     signal.signal(signal.SIGINT, _interrupted_while_loading)
 
-import wyrd  # first among the libraries: the thread policy (runtime.py) must be in place when NumPy loads
+import wyrd
 
 import argparse
 import contextlib

@@ -10,7 +10,7 @@ Everything a client can make the server hold is bounded: the bytes of a request 
 of the texts in it, the time to send a request, the requests handled at once, and the
 conversations, in all and per client address (the constants below).
 """
-from chat import Conversation  # before NumPy: OpenBLAS's thread setting (runtime.py)
+from conversation import Conversation
 
 import contextlib
 import dataclasses

@@ -1,31 +1,26 @@
 """Wyrd: the Chimera hybrid recurrent/attention language model in NumPy and Numba.
 
-Read top to bottom, in the order a token flows through the model: the
-configuration and presets; Linear and RMSNorm; the token embedding; RoPE; the
-RG-LRU recurrence; sliding-window GQA attention; the SwiGLU feed-forward and the
-residual block; the model; O(1)-state decoding. Every section runs in one order:
-the Numba kernels, the differentiable op that wraps them (forward and backward
-together), then the layer that uses it. The RG-LRU's equations as three plain ops,
-a step at a time, are in rglru_reference.py. The
-equations and names are those of docs/architecture.md (shared with the PyTorch
-Chimera, so weights move both ways). Checkpoints are read and written by
-checkpoint.py; int8 weights and their decoding live in quant.py.
-
-The kernels live here, beside the model, rather than in autograd.py: they are
-the model's maths (the recurrence, the windowed attention), while autograd.py
-stays a small general engine that knows nothing about language models.
+Read top to bottom, in the order a token flows: the configuration and presets;
+Linear and RMSNorm; the token embedding; RoPE; the RG-LRU recurrence; sliding-window
+GQA attention; the SwiGLU feed-forward and the residual block; the model; O(1)-state
+decoding. Each section runs in one order: the Numba kernels, the differentiable op
+that wraps them (forward and backward together), then the layer. Equations and names
+are docs/architecture.md's. The kernels are the model's maths, so they live here and
+not in autograd.py, the general engine; rglru_reference.py has the RG-LRU as three
+plain ops, checkpoint.py reads and writes files, quant.py holds everything int8.
 """
 import contextlib
+import copy
 import math
 from dataclasses import asdict, dataclass, fields
-
-from autograd import (FAST, LANES, Tensor, cat, cross_entropy, dot, embedding, exp,  # first: the thread policy
-                      is_grad_enabled, lane_sum, linear, linear_stack, no_grad, rmsnorm,  # (runtime.py)
-                      sigmoid_scalar, split, swiglu)
 
 import numpy as np
 import numba
 from numba import njit, prange
+
+from autograd import (FAST, LANES, Tensor, cat, cross_entropy, dot, embedding, exp, is_grad_enabled, lane_sum,
+                      linear, linear_stack, no_grad, rmsnorm, sigmoid_scalar, split, swiglu)
+from tensorfile import shape_mismatch
 
 
 # ---------------------------------------------------------------------------
@@ -538,18 +533,15 @@ class LocalAttention(Module):
         return self.o_proj(o.reshape(B, T, H * D))
 
     def _use_ring(self, cache, pos0, k, v):
-        """Decoding: the keys/values the new queries attend to, and the ring updated
-        with the newest ones. The ring buffer [B, KV, W, D] keeps position p in slot
-        p % W, so its memory is the same at position 10 and at 100,000. In general
-        the cached past is prepended to the new keys; one token after a full ring
-        is stored first and then reads the ring as it lies."""
+        """Decoding: the keys/values the new queries attend to, and the ring [B, KV, W, D]
+        updated with the newest ones (position p in slot p % W: the same memory at any
+        position). The cached past is prepended to the new keys, except for one token
+        after a full ring: stored first, it reads the ring as it lies, since each key
+        carries its position in its RoPE rotation and attention ignores their order
+        (without a graph only: a backward would see the ring after later steps)."""
         W, T = self.window, k.shape[1]
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)          # [B, KV, T, D], as the ring holds them
         if T == 1 and pos0 >= W - 1 and not is_grad_enabled():
-            # One token and a full ring: once it is stored, the ring holds exactly the W keys
-            # the token attends to, and attention does not care about their order (each key
-            # carries its position in its RoPE rotation), so it reads the ring in place
-            # (without a graph only: a backward would see the ring after later steps).
             cache["k"][:, :, pos0 % W] = k[:, :, 0]
             cache["v"][:, :, pos0 % W] = v[:, :, 0]
             return Tensor(cache["k"].transpose(0, 2, 1, 3)), Tensor(cache["v"].transpose(0, 2, 1, 3))
@@ -623,21 +615,14 @@ class Chimera(Module):
             self._wyrd_init(rng)
 
     def _wyrd_init(self, rng):
-        """Changes to the reference init (N(0, 0.02) weights, lambda ~ U(4, 9)), each
-        measured in docs/04:
-        - Each residual branch's last projection (RG-LRU output_proj, attention o_proj,
-          FFN w2) starts at zero, so each block starts as the identity and the stream is
-          the token embedding. Under the reference init an RG-LRU branch adds
-          output_proj(RMSNorm(h)) ~ 0.02 sqrt(d) per element, 11x the embedding: a
-          moving average over the past that drowns the current token.
-        - sigmoid(lambda_param) = a in [0.9, 0.999], uniform in a^2 (Griffin's range):
-          with a_t = a^(c r_t) ~ a^4 at init, memory horizons of ~2 to ~250 tokens.
-          U(4, 9) gives a in [0.982, 0.9999], where no channel tracks the last few
-          tokens and the gate's slope c log(a) is near zero.
-        - The token embedding is drawn with std 0.05 sqrt(128 / d) instead of 0.02 (each
-          row's norm 0.57 at every width; medium's 0.018 is about the reference): the
-          stream is the embedding plus what the opening branches add, and at 0.02 those
-          soon drown the current token."""
+        """Three changes to the spec's init (N(0, 0.02), lambda ~ U(4, 9)), each measured in
+        docs/04 and explained in docs/architecture.md §3.5:
+        - each residual branch's last projection (output_proj, o_proj, w2) starts at zero,
+          so each block starts as the identity and no branch drowns the token embedding;
+        - a = sigmoid(lambda) in [0.9, 0.999], uniform in a^2 (Griffin's range), so some
+          channels remember a few tokens and others hundreds;
+        - the embedding has std 0.05 sqrt(128 / d), rows of the same norm at every width,
+          large enough that the opening branches do not drown the current token."""
         self.embed_tokens.weight.data *= 0.05 * np.sqrt(128 / self.config.d_model) / 0.02
         for layer in self.layers:
             mix = layer.temporal_mix
@@ -721,30 +706,16 @@ class Chimera(Module):
         return {name: p.data for name, p in self.named_parameters()}
 
     def load_state_dict(self, state):
-        problem = self.state_mismatch({n: np.shape(a) for n, a in state.items()})
+        """Copy name -> array into the parameters; strict: nothing is copied unless every
+        name and shape fits."""
+        problem = shape_mismatch({n: p.shape for n, p in self.named_parameters()},
+                                 {n: np.shape(a) for n, a in state.items()})
         if problem:
             raise ValueError("load_state_dict: " + problem)
         for n, p in self.named_parameters():
             p.data[...] = np.asarray(state[n], dtype=self.dtype)
         if self.int8 is not None:  # its c log a is derived from lambda_param
             self.int8.refresh()
-
-    def state_mismatch(self, shapes, extra=None):
-        """What is wrong with a state of these name -> shape, or "" when it fits; extra:
-        name -> shape of more tensors it must hold (an int8 file's scales)."""
-        params = {n: p.shape for n, p in self.named_parameters()} | (extra or {})
-        missing = sorted(set(params) - set(shapes))
-        unexpected = sorted(set(shapes) - set(params))
-        wrong = [f"{n}: expected {params[n]}, got {tuple(shapes[n])}"
-                 for n in sorted(set(params) & set(shapes)) if tuple(shapes[n]) != params[n]]
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-        if wrong:
-            parts.append(f"wrong shape: {'; '.join(wrong[:8])}")
-        return " | ".join(parts)
 
 
 # ---------------------------------------------------------------------------
@@ -767,10 +738,7 @@ class DecodeState:
                 self.layers.append({"h": None})
 
     def copy(self):
-        new = object.__new__(DecodeState)
-        new.pos, new.batch_size = self.pos, self.batch_size
-        new.layers = [{k: (None if a is None else a.copy()) for k, a in layer.items()} for layer in self.layers]
-        return new
+        return copy.deepcopy(self)
 
     def nbytes(self):
         return sum(a.nbytes for layer in self.layers for a in layer.values() if a is not None)
@@ -781,9 +749,8 @@ SERIAL_ROWS = 32  # up to this many tokens, one thread runs the Numba kernels (i
 
 @contextlib.contextmanager
 def serial_kernels(on=True):
-    """Run Numba kernels on the calling thread alone. Waking the other cores for a
-    parallel loop costs 50-90 us, far more than normalising one token's row, and a
-    decoded token calls ~100 kernels: 1 thread made medium decoding ~20% faster."""
+    """Run Numba kernels on the calling thread alone: waking the other cores for a
+    parallel loop costs more than a kernel over one token's row."""
     prev = numba.get_num_threads()
     if on:
         numba.set_num_threads(1)

@@ -22,10 +22,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import wyrd  # noqa: E402  (first: the thread policy must be in place when NumPy loads)
+import wyrd  # noqa: E402
 import quant  # noqa: E402
 import checkpoint  # noqa: E402
 import chat  # noqa: E402
+import conversation  # noqa: E402
 import sampling  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -47,7 +48,7 @@ def bench(name, model, tok, history, new, repeats):
     V = model.config.vocab_size
     if tok is not None:  # the real template and text
         system = tok.render_message("system", chat.DEFAULT_SYSTEM)[0]
-        conv = chat.Conversation(model, tok)
+        conv = conversation.Conversation(model, tok)
         chunk = tok.render_message("user", "Hello! Can you tell me a story about a little dog?")[0] + conv.assistant_prefix
     else:
         system = list(rng.integers(0, V, 16))

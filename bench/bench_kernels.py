@@ -8,7 +8,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from autograd import Tensor  # noqa: E402  (first: the thread policy must be set before NumPy loads)
+from autograd import Tensor  # noqa: E402
 from rglru_reference import rglru_scan  # noqa: E402
 from wyrd import window_attention  # noqa: E402
 

@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import replace
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import wyrd  # noqa: E402  (first: the thread policy must be in place when NumPy loads)
+import wyrd  # noqa: E402
 import checkpoint  # noqa: E402
 from autograd import cross_entropy  # noqa: E402
 import numpy as np  # noqa: E402

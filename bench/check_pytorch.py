@@ -16,7 +16,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import wyrd  # noqa: E402  (first: it sets the thread policy before numpy loads)
+import wyrd  # noqa: E402
 import checkpoint  # noqa: E402
 
 import numpy as np  # noqa: E402

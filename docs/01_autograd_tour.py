@@ -15,7 +15,7 @@
 # or open it as a notebook (Jupyter with jupytext, or VS Code).
 
 # %%
-import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
+import report  # first: puts the repo root on sys.path
 
 from dataclasses import replace
 

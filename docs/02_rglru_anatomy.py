@@ -23,7 +23,7 @@
 #    in the context length, against a transformer's growing KV cache.
 
 # %%
-import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
+import report  # first: puts the repo root on sys.path
 
 import os
 import tempfile

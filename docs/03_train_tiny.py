@@ -15,7 +15,7 @@
 # does, step by step.
 
 # %%
-import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
+import report  # first: puts the repo root on sys.path
 
 import os
 import itertools

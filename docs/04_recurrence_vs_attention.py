@@ -20,7 +20,7 @@
 # the last sections measure why, and what each change to the init bought.
 
 # %%
-import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
+import report  # first: puts the repo root on sys.path
 
 import os
 import json

@@ -19,7 +19,7 @@
 # machine runs this, so they move with the load of the machine.
 
 # %%
-import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
+import report  # first: puts the repo root on sys.path
 
 import os
 import time

@@ -26,7 +26,7 @@
 # ```
 
 # %%
-import report  # first: puts the repo root on sys.path, sets the thread policy before NumPy loads
+import report  # first: puts the repo root on sys.path
 
 import time
 from dataclasses import replace

@@ -1,6 +1,6 @@
 """What every experiment in docs/ shares: its flags, and the page it writes.
 
-    import report                               # first: the repo root on sys.path, the thread policy
+    import report                               # first: the repo root on sys.path
     args = report.parse_args(__doc__)           # --quick, --out DIR
     rep = report.Report(args, "02_rglru_anatomy")
     rep.table(["layer", "horizon"], [[0, 12.5]])
@@ -31,7 +31,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 sys.path[1:1] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "bench")]  # wyrd, ...; bench/
-from runtime import atomic_write  # noqa: E402  (and the thread policy, before anyone loads NumPy)
+from runtime import atomic_write  # noqa: E402
 
 
 def parse_args(description, extra=()):

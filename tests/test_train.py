@@ -1,5 +1,5 @@
 """Training: AdamW, the schedule, clipping, checkpoints, exact resume, the CLI and short real runs (nano)."""
-import wyrd  # first: autograd sets the BLAS/OpenMP thread policy before NumPy loads
+import wyrd
 import tensorfile
 import checkpoint
 

@@ -3,7 +3,7 @@
 training states, too little memory, Ctrl-C while loading, a full disk. Each is one line
 naming a file or flag, exit code 2 (130 for Ctrl-C), no traceback, nothing of the user's
 replaced, and a command that works from there."""
-import wyrd  # first: autograd sets the BLAS/OpenMP thread policy before NumPy loads
+import wyrd
 
 import json
 import os

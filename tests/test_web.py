@@ -20,6 +20,7 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 import pytest  # noqa: E402
 
 import chat  # noqa: E402
+import conversation  # noqa: E402
 import sampling  # noqa: E402
 import web  # noqa: E402
 from test_chat import ROOT, TEXTS, babbler  # noqa: E402  (the nano model that never ends a reply)
@@ -80,7 +81,7 @@ def open_page(driver, srv):
 
 def said_alone(model, tok, texts, **settings):
     """A fresh conversation that heard `texts`: what the server's should equal, transcript aside."""
-    conv = chat.Conversation(model, tok)
+    conv = conversation.Conversation(model, tok)
     for text in texts:
         conv.reply(text, sampling.Settings(**settings), np.random.default_rng(0))
     return conv
@@ -379,7 +380,7 @@ def test_concurrent_conversations_do_not_share_state(new_server, tok):
     assert not errors
     # each conversation equals the same questions asked alone (greedy decoding)
     for name, (cookie, said) in replies.items():
-        alone = chat.Conversation(babbler(tok), tok)
+        alone = conversation.Conversation(babbler(tok), tok)
         expect = [alone.reply(q, new_server.settings, np.random.default_rng(0))
                   for q in (questions if name % 2 else questions[::-1])]
         assert said == expect
