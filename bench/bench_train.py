@@ -10,8 +10,9 @@ F.cross_entropy, torch.nn.utils.clip_grad_norm_ and torch.optim.AdamW (foreach);
 once eager and once under torch.compile (the model's forward and backward; compile
 time is not counted). Every contender runs in a process of its own on all cores,
 and the contenders alternate over rounds, so a slow spell of the machine falls on
-each in turn. Printed, and written to docs/results/bench_train.md: each contender's median step
-over all rounds and the ratios.
+each in turn. Printed, and written to docs/results/bench_train_CPU.md (CPU being LLVM's
+name for this machine's processor): each contender's median step over all rounds and
+the ratios.
 """
 import argparse
 import datetime
@@ -113,8 +114,8 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads per contender (default: all cores)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "bench_train.md"),
-                    help="markdown file for the results ('' for none)")
+    ap.add_argument("--out", help="markdown file for the results (default: docs/results/bench_train_CPU.md; "
+                                   "'' for none)")
     ap.add_argument("--preset", help=argparse.SUPPRESS)
     ap.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -141,6 +142,9 @@ def main():
             line = f"train {preset:5s} {c:14s} {med[c] * 1e3:8.1f} ms/step  {tokens / med[c]:8.0f} tok/s"
             print(line + (f"  (Wyrd {ratio} its tokens/s)" if ratio else ""), flush=True)
             table.append(f"| {preset} | {c} | {med[c] * 1e3:.1f} | {tokens / med[c]:,.0f} | {ratio} |")
+    if args.out is None:
+        import llvmlite.binding
+        args.out = os.path.join(ROOT, "docs", "results", f"bench_train_{llvmlite.binding.get_host_cpu_name()}.md")
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(f"# Training step: Wyrd against the PyTorch Chimera\n\n{datetime.date.today()}, "
@@ -151,6 +155,7 @@ def main():
                     "`clip_grad_norm_` and `torch.optim.AdamW`; `torch-compile` compiles the model "
                     "(its compile time is not counted). Each contender runs in its own process on all "
                     "cores; the contenders alternate over rounds and the medians are over all rounds' steps.\n")
+        print(f"written to {os.path.relpath(args.out)}")
 
 
 def _torch_version():
